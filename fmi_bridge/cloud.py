@@ -1,0 +1,52 @@
+"""Google clients, built once from the configuration; emulator hosts switch to anonymous credentials."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.api_core import exceptions as api_exceptions
+from google.api_core.retry import Retry, if_exception_type
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import bigquery, pubsub_v1
+
+from fmi_bridge.config import Config
+
+# The publish errors worth retrying inside the client; with ordering on, the client retries them without end.
+_RETRYABLE = if_exception_type(
+    api_exceptions.Aborted,
+    api_exceptions.Cancelled,
+    api_exceptions.DeadlineExceeded,
+    api_exceptions.InternalServerError,
+    api_exceptions.ResourceExhausted,
+    api_exceptions.ServiceUnavailable,
+    api_exceptions.Unknown,
+)
+
+
+def publisher_client(config: Config) -> Any:
+    """PUBSUB_EMULATOR_HOST, when set, is read by the client itself (insecure channel, no credentials)."""
+    return pubsub_v1.PublisherClient(
+        batch_settings=pubsub_v1.types.BatchSettings(max_messages=1000, max_bytes=5_000_000, max_latency=0.05),
+        publisher_options=pubsub_v1.types.PublisherOptions(
+            enable_message_ordering=True,
+            retry=Retry(predicate=_RETRYABLE, initial=0.1, maximum=5.0, multiplier=2.0),
+        ),
+    )
+
+
+def topic_path(config: Config) -> str:
+    return f"projects/{config.gcp_project_id}/topics/{config.pubsub_topic}"
+
+
+def bigquery_client(config: Config) -> Any:
+    if config.bigquery_emulator_host:
+        return bigquery.Client(
+            project=config.gcp_project_id,
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": config.bigquery_emulator_host},
+        )
+    return bigquery.Client(project=config.gcp_project_id)
+
+
+def table_id(config: Config, table: str | None) -> str:
+    return f"{config.gcp_project_id}.{config.bigquery_dataset}.{table}"

@@ -1,0 +1,307 @@
+"""Configuration from the environment: every variable declared once, as data, with its default and help.
+
+The README's variable table is checked against SETTINGS by a test, so this list is the single source.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENVIRONMENTS = ("LOCAL", "DEV", "PPRD", "PRD")
+CLOUD_ENVIRONMENTS = ("DEV", "PPRD", "PRD")
+DEFAULT_TOPIC = "FCTS/FAE/+/SolvExtract/+"
+
+
+class ConfigError(ValueError):
+    """A variable is missing or malformed; the message names it."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    help: str
+    default: str | None = None
+    parse: Callable[[str], Any] = str
+    secret: bool = False
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("must be an integer") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _int(text)
+    if not 0 < value < 65536:
+        raise ValueError("must be a port number from 1 to 65535")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("must be a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _environment(text: str) -> str:
+    if text not in ENVIRONMENTS:
+        raise ValueError(f"must be one of {', '.join(ENVIRONMENTS)}")
+    return text
+
+
+def _topic_filters(text: str) -> tuple[str, ...]:
+    filters = tuple(part.strip() for part in text.split(","))
+    if not all(filters):
+        raise ValueError("must be a comma-separated list of non-empty topic filters")
+    return filters
+
+
+def _host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError("must be host:port")
+    return text
+
+
+def _url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise ValueError("must be a URL starting with http:// or https://")
+    return text.rstrip("/")
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+def _readable_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(f"file {text} does not exist")
+    return path
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "APP_ENV",
+        "Environment: LOCAL logs events only; DEV, PPRD and PRD write to Pub/Sub and BigQuery.",
+        None,
+        _environment,
+    ),
+    Setting("GCP_PROJECT_ID", "Google Cloud project of the topic and dataset (required outside LOCAL)."),
+    Setting("PUBSUB_TOPIC", "Pub/Sub topic id for KPI events (required outside LOCAL)."),
+    Setting("BIGQUERY_DATASET", "BigQuery dataset id (required outside LOCAL)."),
+    Setting("BIGQUERY_TABLE", "BigQuery table id for valid readings (required outside LOCAL)."),
+    Setting("BIGQUERY_REJECTS_TABLE", "BigQuery table id for rejected messages; default `<BIGQUERY_TABLE>_rejected`."),
+    Setting("MQTT_BROKER", "MQTT broker host name.", "localhost"),
+    Setting("MQTT_PORT", "MQTT broker port (8883 is usual with TLS).", "1883", _port),
+    Setting(
+        "MQTT_TOPIC",
+        "Topic filter, or comma-separated filters; `$share/<group>/...` shares the load between instances.",
+        DEFAULT_TOPIC,
+        _topic_filters,
+    ),
+    Setting(
+        "MQTT_CLIENT_ID",
+        "Client id of the persistent session; stable across restarts, unique per instance; "
+        "default `fmi-mqtt-bridge-<app_env>`.",
+    ),
+    Setting("MQTT_KEEPALIVE", "MQTT keep-alive, seconds.", "30", _positive_int),
+    Setting(
+        "MQTT_SESSION_EXPIRY",
+        "Seconds the broker keeps the session (and queues readings) while the bridge is away.",
+        "604800",
+        _positive_int,
+    ),
+    Setting(
+        "MQTT_RECEIVE_MAXIMUM",
+        "Un-acknowledged QoS 1 messages the broker may have in flight to the bridge.",
+        "1000",
+        _positive_int,
+    ),
+    Setting("MQTT_USERNAME", "MQTT user name (required in PRD)."),
+    Setting("MQTT_PASSWORD", "MQTT password (required in PRD unless MQTT_PASSWORD_FILE is set).", secret=True),
+    Setting("MQTT_PASSWORD_FILE", "File holding the MQTT password, e.g. a mounted secret.", parse=_readable_file),
+    Setting("MQTT_TLS_CA", "CA certificate file; setting it turns TLS on (required in PRD).", parse=_readable_file),
+    Setting("MQTT_TLS_CERT", "Client certificate file for mutual TLS (optional).", parse=_readable_file),
+    Setting("MQTT_TLS_KEY", "Client key file for mutual TLS (goes with MQTT_TLS_CERT).", parse=_readable_file),
+    Setting("PORT", "HTTP port for /liveness_check, /readiness_check and /metrics.", "8080", _port),
+    Setting("SPOOL_DIR", "Folder of the durable spool (SQLite); must survive restarts.", "spool", Path),
+    Setting(
+        "SPOOL_MAX_BYTES",
+        "Most record bytes the spool holds; when full, new MQTT messages are left un-acknowledged with the broker.",
+        str(3 * 1024**3),
+        _positive_int,
+    ),
+    Setting(
+        "SPOOL_MIN_FREE_BYTES",
+        "Free disk space below which the spool takes no more records.",
+        str(256 * 1024**2),
+        _positive_int,
+    ),
+    Setting(
+        "PUBSUB_EMULATOR_HOST",
+        "host:port of a Pub/Sub emulator; anonymous credentials. In LOCAL it turns the Pub/Sub sink on.",
+        parse=_host_port,
+    ),
+    Setting(
+        "BIGQUERY_EMULATOR_HOST",
+        "URL of a BigQuery emulator, e.g. `http://127.0.0.1:9050`; anonymous credentials. "
+        "In LOCAL it turns the BigQuery sink on.",
+        parse=_url,
+    ),
+    Setting("PUBSUB_BATCH_SIZE", "Records one Pub/Sub send round takes from the spool.", "2000", _positive_int),
+    Setting(
+        "PUBSUB_DEADLETTER_ATTEMPTS",
+        "Times one reading alone may be refused by Pub/Sub as invalid before it goes to the rejects table.",
+        "3",
+        _positive_int,
+    ),
+    Setting("BIGQUERY_BATCH_SIZE", "Rows one BigQuery insert takes.", "500", _positive_int),
+    Setting(
+        "SINK_TIMEOUT_SECONDS",
+        "How long one send to Pub/Sub or BigQuery may take before it is retried later.",
+        "30",
+        _positive_float,
+    ),
+    Setting(
+        "SHUTDOWN_FLUSH_SECONDS",
+        "On SIGTERM, how long the sinks may keep draining the spool before exit; the rest stays spooled.",
+        "20",
+        _positive_float,
+    ),
+    Setting("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", "INFO", _log_level),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    app_env: str
+    gcp_project_id: str | None
+    pubsub_topic: str | None
+    bigquery_dataset: str | None
+    bigquery_table: str | None
+    bigquery_rejects_table: str | None
+    mqtt_broker: str
+    mqtt_port: int
+    mqtt_topic: tuple[str, ...]
+    mqtt_client_id: str
+    mqtt_keepalive: int
+    mqtt_session_expiry: int
+    mqtt_receive_maximum: int
+    mqtt_username: str | None
+    mqtt_password: str | None = field(repr=False)
+    mqtt_password_file: Path | None
+    mqtt_tls_ca: Path | None
+    mqtt_tls_cert: Path | None
+    mqtt_tls_key: Path | None
+    port: int
+    spool_dir: Path
+    spool_max_bytes: int
+    spool_min_free_bytes: int
+    pubsub_emulator_host: str | None
+    bigquery_emulator_host: str | None
+    pubsub_batch_size: int
+    pubsub_deadletter_attempts: int
+    bigquery_batch_size: int
+    sink_timeout_seconds: float
+    shutdown_flush_seconds: float
+    log_level: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = environ.get(setting.name, "").strip() or setting.default
+            if raw is None:
+                values[setting.name.lower()] = None
+                continue
+            try:
+                values[setting.name.lower()] = setting.parse(raw)
+            except ValueError as exc:
+                shown = "***" if setting.secret else repr(raw)
+                raise ConfigError(f"{setting.name}={shown}: {exc}") from exc
+        if values["app_env"] is None:
+            raise ConfigError(f"APP_ENV is required: one of {', '.join(ENVIRONMENTS)}")
+        if values["mqtt_client_id"] is None:
+            values["mqtt_client_id"] = f"fmi-mqtt-bridge-{values['app_env'].lower()}"
+        if values["bigquery_rejects_table"] is None and values["bigquery_table"]:
+            values["bigquery_rejects_table"] = f"{values['bigquery_table']}_rejected"
+        if values["mqtt_password_file"] is not None:
+            values["mqtt_password"] = values["mqtt_password_file"].read_text().strip()
+        config = cls(**values)
+        config._check_consistency()
+        return config
+
+    @property
+    def pubsub_enabled(self) -> bool:
+        return self.app_env in CLOUD_ENVIRONMENTS or self.pubsub_emulator_host is not None
+
+    @property
+    def bigquery_enabled(self) -> bool:
+        return self.app_env in CLOUD_ENVIRONMENTS or self.bigquery_emulator_host is not None
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.mqtt_tls_ca is not None
+
+    def _check_consistency(self) -> None:
+        needed = []
+        if self.pubsub_enabled:
+            needed += [("GCP_PROJECT_ID", self.gcp_project_id), ("PUBSUB_TOPIC", self.pubsub_topic)]
+        if self.bigquery_enabled:
+            needed += [
+                ("GCP_PROJECT_ID", self.gcp_project_id),
+                ("BIGQUERY_DATASET", self.bigquery_dataset),
+                ("BIGQUERY_TABLE", self.bigquery_table),
+            ]
+        for name, value in needed:
+            if not value:
+                raise ConfigError(f"{name} is required when APP_ENV={self.app_env} writes to the cloud")
+        if (self.mqtt_tls_cert is None) != (self.mqtt_tls_key is None):
+            raise ConfigError("MQTT_TLS_CERT and MQTT_TLS_KEY must be set together")
+        if self.mqtt_password and not self.mqtt_username:
+            raise ConfigError("MQTT_USERNAME is required when a password is set")
+        if self.app_env == "PRD":
+            if not self.tls_enabled:
+                raise ConfigError("MQTT_TLS_CA is required in PRD: the broker connection must use TLS")
+            if not (self.mqtt_username and self.mqtt_password):
+                raise ConfigError("MQTT_USERNAME and MQTT_PASSWORD (or MQTT_PASSWORD_FILE) are required in PRD")
+
+    def describe(self) -> dict[str, Any]:
+        """The effective configuration, secrets masked, for check-config and the start-up log."""
+        shown: dict[str, Any] = {}
+        for setting in SETTINGS:
+            value = getattr(self, setting.name.lower())
+            if setting.secret and value:
+                value = "***"
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            shown[setting.name] = value
+        shown["sinks"] = [
+            name for name, on in (("pubsub", self.pubsub_enabled), ("bigquery", self.bigquery_enabled)) if on
+        ] or ["log"]
+        return shown

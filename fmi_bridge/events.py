@@ -1,0 +1,74 @@
+"""What a Reading or a Reject becomes downstream: the BigQuery rows and the Pub/Sub KPI event.
+
+The spool stores the BigQuery row as JSON; the KPI event is derived from it, so both sinks see the same facts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from fmi_bridge.readings import Reading, Reject
+
+SCHEMA_VERSION = 1
+KPI_FIELDS = ("event_id", "site_code", "pi_tag", "sensor_id", "value", "timestamp", "received_at", "mqtt_topic")
+
+
+def rfc3339(moment: datetime) -> str:
+    """UTC with microseconds and a Z, the form BigQuery and most consumers parse without help."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def reading_row(reading: Reading) -> dict[str, Any]:
+    return {
+        "event_id": reading.event_id,
+        "site_code": reading.site_code,
+        "pi_tag": reading.pi_tag,
+        "sensor_id": reading.sensor_id,
+        "value": reading.value,
+        "timestamp": rfc3339(reading.timestamp),
+        "received_at": rfc3339(reading.received_at),
+        "mqtt_topic": reading.mqtt_topic,
+        "payload": reading.payload,
+    }
+
+
+def reject_row(reject: Reject) -> dict[str, Any]:
+    return {
+        "reject_id": reject_id_for(reject),
+        "received_at": rfc3339(reject.received_at),
+        "mqtt_topic": reject.mqtt_topic,
+        "payload": reject.payload,
+        "reason": reject.reason,
+        "detail": reject.detail,
+        "event_id": reject.event_id,
+    }
+
+
+def reject_id_for(reject: Reject) -> str:
+    """Stable per message and reason, so a redelivered reject is deduplicated like a reading."""
+    key = "\x00".join((reject.mqtt_topic, reject.payload, reject.reason, reject.event_id or ""))
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def dead_letter_row(row: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
+    """A reading a sink refused for good, as a rejects-table row that keeps its event_id."""
+    reject = Reject(
+        reason, detail, row["mqtt_topic"], row["payload"], datetime.fromisoformat(row["received_at"]), row["event_id"]
+    )
+    return reject_row(reject)
+
+
+def kpi_event(row: dict[str, Any]) -> dict[str, Any]:
+    event = {name: row[name] for name in KPI_FIELDS}
+    event["schema_version"] = SCHEMA_VERSION
+    return event
+
+
+def kpi_message(row: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+    """Pub/Sub data and attributes; the ordering key is the site_code."""
+    data = json.dumps(kpi_event(row), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    attributes = {"site_code": row["site_code"], "pi_tag": row["pi_tag"], "event_id": row["event_id"]}
+    return data, attributes

@@ -1,0 +1,63 @@
+"""HTTP endpoints for the platform and operators: liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from fmi_bridge.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Check = Callable[[], str | None]  # None when healthy, else the reason
+
+
+class HealthServer:
+    """A single-threaded server: the probes are tiny, and one thread keeps one spool connection."""
+
+    def __init__(
+        self, port: int, *, liveness: Check, readiness: Check, metrics: Metrics, host: str = "0.0.0.0"
+    ) -> None:
+        checks = {"/liveness_check": liveness, "/readiness_check": readiness}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._answer(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+                elif path in checks:
+                    try:
+                        problem = checks[path]()
+                    except Exception as exc:  # a failing check is an unhealthy answer, not a dead server
+                        problem = f"check failed: {exc}"
+                    self._answer(503 if problem else 200, (problem or "ok").encode() + b"\n", "text/plain")
+                else:
+                    self._answer(404, b"not found\n", "text/plain")
+
+            def _answer(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's signature)
+                pass  # probes every few seconds would drown the useful lines
+
+        self._server = HTTPServer((host, port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

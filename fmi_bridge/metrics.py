@@ -1,0 +1,65 @@
+"""Prometheus metrics of one bridge process, on a registry of its own (served at /metrics)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from fmi_bridge.spool import SpoolStats
+
+_SEND_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _SpoolCollector(Collector):
+    """Reads the spool's figures at scrape time, so they are never stale."""
+
+    def __init__(self, stats: Callable[[], SpoolStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._stats()
+        yield GaugeMetricFamily("fmi_bridge_spool_records", "Records in the spool", value=stats.records)
+        yield GaugeMetricFamily("fmi_bridge_spool_bytes", "Record bytes in the spool", value=stats.bytes)
+        yield GaugeMetricFamily(
+            "fmi_bridge_spool_oldest_record_age_seconds",
+            "Age of the oldest record still in the spool",
+            value=stats.oldest_age_seconds,
+        )
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter("fmi_bridge_messages_received", "MQTT messages received", registry=r)
+        self.accepted = Counter("fmi_bridge_messages_accepted", "Valid readings spooled", registry=r)
+        self.rejected = Counter("fmi_bridge_messages_rejected", "Messages rejected, by reason", ["reason"], registry=r)
+        self.sent = Counter("fmi_bridge_sink_sent", "Records a sink confirmed", ["sink"], registry=r)
+        self.failed = Counter("fmi_bridge_sink_failed", "Send attempts that failed", ["sink"], registry=r)
+        self.retried = Counter(
+            "fmi_bridge_sink_retried", "Records left in the spool to send again", ["sink"], registry=r
+        )
+        self.dead_lettered = Counter(
+            "fmi_bridge_sink_dead_lettered",
+            "Records a sink refused for good, moved to the rejects table",
+            ["sink"],
+            registry=r,
+        )
+        self.send_seconds = Histogram(
+            "fmi_bridge_sink_send_seconds", "Time of one send to a sink", ["sink"], buckets=_SEND_BUCKETS, registry=r
+        )
+        self.connects = Counter("fmi_bridge_mqtt_connects", "Successful MQTT connections", registry=r)
+        self.disconnects = Counter("fmi_bridge_mqtt_disconnects", "MQTT connections lost or closed", registry=r)
+        self.acks_withheld = Counter(
+            "fmi_bridge_acks_withheld", "Messages left un-acknowledged because the spool had no room", registry=r
+        )
+        self.backpressure = Gauge("fmi_bridge_backpressure", "1 while the spool has no room", registry=r)
+        self.logs_suppressed = Counter(
+            "fmi_bridge_log_lines_suppressed", "Log lines dropped by rate limiting", registry=r
+        )
+
+    def watch_spool(self, stats: Callable[[], SpoolStats]) -> None:
+        self.registry.register(_SpoolCollector(stats))

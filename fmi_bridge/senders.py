@@ -1,0 +1,83 @@
+"""One sender per sink: drains the spool at its own pace, with its own retries, so one sink down never stops another."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from fmi_bridge.backoff import Backoff
+from fmi_bridge.logs import RateLimiter
+from fmi_bridge.metrics import Metrics
+from fmi_bridge.sinks import Sink, WriteResult
+from fmi_bridge.spool import Spool
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_SECONDS = 0.2
+
+
+class Sender:
+    def __init__(self, sink: Sink, spool: Spool, metrics: Metrics) -> None:
+        self.sink = sink
+        self.spool = spool
+        self.metrics = metrics
+        self.wakeup = threading.Event()
+        self.heartbeat = time.monotonic()
+        self._backoff = Backoff(initial=0.5, maximum=10.0)
+        self._error_log = RateLimiter(per_second=0.2, burst=3)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.heartbeat = time.monotonic()
+            try:
+                progressed = self._round()
+            except Exception:  # thread boundary: log, count, keep the loop alive
+                log.exception("sender round failed", extra={"sink": self.sink.name})
+                self.metrics.failed.labels(self.sink.name).inc()
+                progressed = False
+            if progressed is None:
+                self.wakeup.wait(IDLE_POLL_SECONDS)
+                self.wakeup.clear()
+            elif progressed:
+                self._backoff.reset()
+            else:
+                stop.wait(self._backoff.next_delay())
+
+    def _round(self) -> bool | None:
+        """None when there was nothing to send, else whether anything left the spool."""
+        batch = self.sink.next_batch(self.spool)
+        if not batch:
+            return None
+        started = time.monotonic()
+        try:
+            result = self.sink.write(batch)
+        except Exception as exc:  # a sink fault must not lose the batch: it stays in the spool
+            log.exception("sink write failed", extra={"sink": self.sink.name})
+            result = WriteResult(retry=[record.id for record in batch], error=str(exc))
+        self.metrics.send_seconds.labels(self.sink.name).observe(time.monotonic() - started)
+        self.spool.settle(self.sink.bit, result.done, result.dead_letters)
+        self._count(result)
+        return bool(result.done or result.dead_letters)
+
+    def _count(self, result: WriteResult) -> None:
+        name = self.sink.name
+        self.metrics.sent.labels(name).inc(len(result.done))
+        self.metrics.dead_lettered.labels(name).inc(len(result.dead_letters))
+        if result.retry:
+            self.metrics.failed.labels(name).inc()
+            self.metrics.retried.labels(name).inc(len(result.retry))
+            allowed, held_back = self._error_log.allow(name)
+            if allowed:
+                log.warning(
+                    "sink did not take every record; they stay in the spool and are sent again",
+                    extra={
+                        "sink": name,
+                        "records": len(result.retry),
+                        "error": result.error,
+                        "suppressed_since_last": held_back,
+                    },
+                )
+
+    def pending(self) -> int:
+        return self.spool.count_pending(self.sink.bit)

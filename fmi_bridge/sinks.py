@@ -1,0 +1,74 @@
+"""The sink contract: a sink takes a batch of spool records and says, per record, what became of it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fmi_bridge.spool import Record, Spool
+
+log = logging.getLogger(__name__)
+
+# One bit per sink in the spool's `pending` column.
+PUBSUB = 1
+BIGQUERY = 2
+LOG = 4
+
+
+@dataclass
+class WriteResult:
+    """done: confirmed; dead_letters: refused for good, with the rejects-table row to keep instead;
+    retry: to send again later; error: why something is retried, for the log."""
+
+    done: list[int] = field(default_factory=list)
+    dead_letters: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    retry: list[int] = field(default_factory=list)
+    error: str | None = None
+
+
+class Sink(Protocol):
+    name: str
+    bit: int
+
+    def next_batch(self, spool: Spool) -> list[Record]: ...
+
+    def write(self, records: list[Record]) -> WriteResult: ...
+
+    def close(self) -> None: ...
+
+
+class LogSink:
+    """LOCAL without emulators: each event is logged, nothing leaves the machine."""
+
+    name = "log"
+    bit = LOG
+
+    def __init__(self, batch_size: int = 500) -> None:
+        self.batch_size = batch_size
+
+    def next_batch(self, spool: Spool) -> list[Record]:
+        return spool.pending(self.bit, self.batch_size)
+
+    def write(self, records: list[Record]) -> WriteResult:
+        for record in records:
+            context = {
+                key: record.row.get(key)
+                for key in (
+                    "event_id",
+                    "site_code",
+                    "pi_tag",
+                    "sensor_id",
+                    "value",
+                    "timestamp",
+                    "reason",
+                    "detail",
+                    "mqtt_topic",
+                )
+            }
+            message = "reading" if record.kind == "reading" else "rejected message"
+            log.info(message, extra={k: v for k, v in context.items() if v is not None})
+        return WriteResult(done=[record.id for record in records])
+
+    def close(self) -> None:
+        pass
