@@ -1,0 +1,103 @@
+"""Container start: write this environment's Mosquitto configuration, then hand over to supervisord.
+
+    python -m fmi_bridge.launch            (the image's CMD, and `make run`)
+    python -m fmi_bridge.launch --render   only write the broker configuration and print its path
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from fmi_bridge.broker_conf import SECURED_ENVIRONMENTS, BrokerSecurity, acl_text, render
+from fmi_bridge.config import ENVIRONMENTS, Setting
+
+APP_DIR = Path(__file__).resolve().parent.parent
+
+# The broker side of the container, declared like the subscriber's settings (the README lists both).
+LAUNCH_SETTINGS: tuple[Setting, ...] = (
+    Setting("BRIDGE_RUN_DIR", "Where the rendered broker configuration and supervisord's socket go.", "var/run"),
+    Setting("MOSQUITTO_DATA_DIR", "Mosquitto's persistence folder; must survive restarts.", "var/mosquitto"),
+    Setting("MOSQUITTO_PORT", "Broker listener port; default 1883 (LOCAL, DEV) or 8883 with TLS (PPRD, PRD)."),
+    Setting("MOSQUITTO_PASSWORD_FILE", "PPRD/PRD: password file made with mosquitto_passwd (a mounted secret)."),
+    Setting("MOSQUITTO_TLS_CERT", "PPRD/PRD: the broker's certificate (PEM); include `localhost` for the bridge."),
+    Setting("MOSQUITTO_TLS_KEY", "PPRD/PRD: the broker's private key (PEM)."),
+    Setting("MOSQUITTO_TLS_CA", "Optional: CA whose client certificates the broker also accepts."),
+    Setting(
+        "MOSQUITTO_ACL_FILE",
+        "Optional ACL file; default: the bridge reads FCTS/FAE/#, a site user writes its own site.",
+    ),
+)
+
+
+class LaunchError(ValueError):
+    pass
+
+
+def _file(environ: Mapping[str, str], name: str) -> Path:
+    value = environ.get(name, "")
+    if not value:
+        raise LaunchError(f"{name} is required when APP_ENV={environ.get('APP_ENV')}")
+    path = Path(value)
+    if not path.is_file():
+        raise LaunchError(f"{name}={value}: file does not exist")
+    return path
+
+
+def prepare(environ: dict[str, str]) -> Path:
+    """Write the broker configuration, fill in the variables supervisord.conf uses; return the config path."""
+    app_env = environ.get("APP_ENV", "")
+    if app_env not in ENVIRONMENTS:
+        raise LaunchError(f"APP_ENV={app_env!r}: must be one of {', '.join(ENVIRONMENTS)}")
+    run_dir = Path(environ.get("BRIDGE_RUN_DIR") or "var/run").resolve()
+    data_dir = Path(environ.get("MOSQUITTO_DATA_DIR") or "var/mosquitto").resolve()
+    secured = app_env in SECURED_ENVIRONMENTS
+    port_text = environ.get("MOSQUITTO_PORT") or ("8883" if secured else "1883")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise LaunchError(f"MOSQUITTO_PORT={port_text!r}: must be a port number")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    security = None
+    if secured:
+        acl = Path(environ["MOSQUITTO_ACL_FILE"]) if environ.get("MOSQUITTO_ACL_FILE") else run_dir / "acl"
+        if not environ.get("MOSQUITTO_ACL_FILE"):
+            if not environ.get("MQTT_USERNAME"):
+                raise LaunchError(f"MQTT_USERNAME is required when APP_ENV={app_env}: the ACL names the bridge")
+            acl.write_text(acl_text(environ["MQTT_USERNAME"]))
+        security = BrokerSecurity(
+            password_file=_file(environ, "MOSQUITTO_PASSWORD_FILE"), acl_file=acl,
+            tls_cert=_file(environ, "MOSQUITTO_TLS_CERT"), tls_key=_file(environ, "MOSQUITTO_TLS_KEY"),
+            tls_ca=_file(environ, "MOSQUITTO_TLS_CA") if environ.get("MOSQUITTO_TLS_CA") else None)
+    conf = run_dir / "mosquitto.conf"
+    conf.write_text(render(app_env, port=int(port_text), data_dir=data_dir, run_as=getpass.getuser(),
+                           security=security))
+    environ.setdefault("MQTT_PORT", port_text)
+    environ["BRIDGE_RUN_DIR"] = str(run_dir)
+    environ["BRIDGE_APP_DIR"] = str(APP_DIR)
+    environ["BRIDGE_PYTHON"] = sys.executable
+    return conf
+
+
+def main(argv: list[str]) -> int:
+    environ = dict(os.environ)
+    try:
+        conf = prepare(environ)
+    except LaunchError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    if argv[1:] == ["--render"]:
+        print(conf)
+        return 0
+    supervisord = shutil.which("supervisord", path=f"{Path(sys.executable).parent}:{environ.get('PATH', '')}")
+    if supervisord is None:
+        print("supervisord not found: pip install -r requirements.txt", file=sys.stderr)
+        return 2
+    os.execve(supervisord, [supervisord, "-c", str(APP_DIR / "supervisord.conf")], environ)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
