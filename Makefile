@@ -1,0 +1,48 @@
+# One place for what developers and CI run. `make run` and `make test` set up everything they need.
+PYTHON ?= python3
+VENV := .venv
+BQ_VENV := .venv-bqemulator
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test lint setup system-packages clean
+
+## run: Mosquitto and the subscriber under Supervisor, APP_ENV=LOCAL (events are logged, nothing leaves the machine)
+run: system-packages $(VENV)/.installed
+	APP_ENV=$${APP_ENV:-LOCAL} $(PY) -m fmi_bridge.launch
+
+## test: the whole suite against real Mosquitto, the Pub/Sub test server and the BigQuery emulator, then lint
+test: setup
+	$(PY) -m pytest
+	$(MAKE) --no-print-directory lint
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.gitlab-ci project-ci.yml
+
+setup: system-packages $(VENV)/.installed $(BQ_VENV)/.installed
+
+system-packages:
+	@command -v mosquitto >/dev/null && command -v mosquitto_pub >/dev/null && command -v mosquitto_passwd >/dev/null \
+	  && command -v openssl >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    mosquitto mosquitto-clients openssl ; }
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+$(BQ_VENV)/.installed: requirements-bqemulator.txt
+	$(PYTHON) -m venv $(BQ_VENV)
+	$(BQ_VENV)/bin/pip install -q -r requirements-bqemulator.txt
+	# DuckDB's extensions from PyPI, so the emulator starts without downloading anything
+	$(BQ_VENV)/bin/python -c "import duckdb_extensions as e; e.import_extension('spatial'); e.import_extension('avro')"
+	touch $@
+
+clean:
+	rm -rf $(VENV) $(BQ_VENV) var spool

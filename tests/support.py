@@ -1,0 +1,326 @@
+"""Real components for the tests: Mosquitto, the BigQuery emulator, the bridge process, publishers and readers."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from fmi_bridge.broker_conf import BrokerSecurity, render
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPIC = "FCTS/FAE/{site}/SolvExtract/{tag}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+# -- Mosquitto -------------------------------------------------------------------------------------------
+
+
+class Broker:
+    """Debian's mosquitto with the shipped configuration, on a free port."""
+
+    def __init__(self, workdir: Path, app_env: str = "LOCAL", security: BrokerSecurity | None = None) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.data_dir = workdir / "mosquitto"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(render(app_env, port=self.port, data_dir=self.data_dir, run_as=getpass.getuser(),
+                                    security=security, bind_address="127.0.0.1"))
+        self.log = workdir / "mosquitto.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Broker:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=log, stderr=log)
+        wait_until(lambda: port_open(self.port) or self.process.poll() is not None, 10, "mosquitto to listen")
+        assert self.process.poll() is None, self.log.read_text()
+        return self
+
+    def stop(self) -> None:
+        """Graceful: SIGTERM, so mosquitto saves its persistence file."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+# -- BigQuery emulator -------------------------------------------------------------------------------------
+
+
+def bqemulator_python() -> str:
+    explicit = os.environ.get("BQEMULATOR_PYTHON")
+    if explicit:
+        return explicit
+    return str(ROOT / ".venv-bqemulator" / "bin" / "python")
+
+
+class BigQueryEmulator:
+    """bqemulator from PyPI, in its own virtual environment (its pins clash with ours)."""
+
+    def __init__(self, workdir: Path, project: str, persistent: bool = False) -> None:
+        self.workdir = workdir
+        self.project = project
+        self.persistent = persistent
+        self.rest_port = free_port()
+        self.grpc_port = free_port()
+        self.url = f"http://127.0.0.1:{self.rest_port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> BigQueryEmulator:
+        command = [bqemulator_python(), "-m", "bqemulator", "start", "--rest-port", str(self.rest_port),
+                   "--grpc-port", str(self.grpc_port), "--project", self.project, "--log-level", "warning"]
+        if self.persistent:
+            command += ["--persistent", "--data-dir", str(self.workdir / "bq-data")]
+        with (self.workdir / "bqemulator.log").open("ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=log, cwd=self.workdir)
+        wait_until(lambda: self._answers() or self.process.poll() is not None, 60, "the BigQuery emulator")
+        assert self.process.poll() is None, (self.workdir / "bqemulator.log").read_text()[-2000:]
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/bigquery/v2/projects/{self.project}/datasets", timeout=1):
+                return True
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def client(self) -> Any:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import bigquery
+
+        return bigquery.Client(project=self.project, credentials=AnonymousCredentials(),
+                               client_options={"api_endpoint": self.url})
+
+
+# -- The bridge under test ---------------------------------------------------------------------------------
+
+
+class Bridge:
+    """`python mqtt_subscriber.py` as Supervisor starts it, with its stdout kept for the test to read."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.env = {**os.environ, "PORT": str(self.port), "SPOOL_DIR": str(workdir / "spool"),
+                    "PYTHONUNBUFFERED": "1", **env}
+        self.log = workdir / "bridge.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *args: str) -> Bridge:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen([sys.executable, str(ROOT / "mqtt_subscriber.py"), *args],
+                                            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        return self
+
+    def status(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except (urllib.error.URLError, OSError) as exc:
+            return 0, str(exc)
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        wait_until(lambda: self.status("/readiness_check")[0] == 200 or not self.alive(), timeout,
+                   "the bridge to be ready")
+        assert self.alive(), self.output()[-3000:]
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def metric(self, name: str, labels: str = "") -> float:
+        _, text = self.status("/metrics")
+        wanted = f"{name}{{{labels}}}" if labels else name
+        for line in text.splitlines():
+            if line.startswith(wanted + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def terminate(self, timeout: float = 40) -> int:
+        assert self.process is not None
+        self.process.terminate()
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.kill()
+            self.process.wait(10)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def log_entries(self) -> list[dict[str, Any]]:
+        entries = []
+        for line in self.output().splitlines():
+            if line.startswith("{"):
+                entries.append(json.loads(line))
+        return entries
+
+
+# -- Publishing and reading ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Published:
+    topic: str
+    payload: bytes
+
+
+def reading(site: str, seq: int, tag: str = "TAG1", sensor: str = "s1") -> Published:
+    """A valid reading whose value is its sequence number, so order can be checked downstream."""
+    body = {"site_code": site, "sensor_id": sensor, "timestamp": f"2026-11-01T00:00:{seq % 60:02d}.{seq:06d}+00:00",
+            "value": float(seq), "seq": seq}
+    return Published(TOPIC.format(site=site, tag=tag), json.dumps(body).encode())
+
+
+def readings(sites: Iterable[str], per_site: int, start: int = 0) -> list[Published]:
+    """Interleaved across sites, as a site gateway fleet would publish."""
+    return [reading(site, seq) for seq in range(start, start + per_site) for site in sites]
+
+
+def publish(port: int, messages: list[Published], qos: int = 1, **connect: Any) -> None:
+    """Publish from one connection, so the broker sees exactly this order; returns when all are acknowledged."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-pub-{os.getpid()}-{time.monotonic_ns()}")
+    client.max_inflight_messages_set(0)  # our own window below: paho's large windows are slow
+    client.max_queued_messages_set(0)
+    if "username" in connect:
+        client.username_pw_set(connect["username"], connect.get("password"))
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        window = []
+        for message in messages:
+            window.append(client.publish(message.topic, message.payload, qos=qos))
+            if len(window) >= 500:
+                window.pop(0).wait_for_publish(30)
+        for info in window:
+            info.wait_for_publish(30)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def mosquitto_pub(port: int, topic: str, payload: bytes | str, *extra: str) -> subprocess.CompletedProcess[bytes]:
+    data = payload.encode() if isinstance(payload, str) else payload
+    return subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", topic, "-s",
+                           *extra], input=data, capture_output=True, timeout=20, check=False)
+
+
+class PubSubReader:
+    """Reads the topic through an ordered subscription with the real SubscriberClient."""
+
+    def __init__(self, project: str, topic: str, name: str) -> None:
+        from google.cloud import pubsub_v1
+
+        self.client = pubsub_v1.SubscriberClient()
+        self.path = self.client.subscription_path(project, name)
+        self.client.create_subscription(request={"name": self.path, "topic": f"projects/{project}/topics/{topic}",
+                                                 "enable_message_ordering": True})
+        self.messages: list[Any] = []
+
+    def pull(self) -> int:
+        response = self.client.pull(request={"subscription": self.path, "max_messages": 1000}, timeout=10)
+        if response.received_messages:
+            self.client.acknowledge(request={"subscription": self.path,
+                                             "ack_ids": [m.ack_id for m in response.received_messages]})
+        self.messages.extend(m.message for m in response.received_messages)
+        return len(response.received_messages)
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(message.data) for message in self.messages]
+
+    def distinct_ids(self) -> set[str]:
+        return {event["event_id"] for event in self.events()}
+
+    def wait_for(self, count: int, timeout: float) -> set[str]:
+        def enough() -> bool:
+            self.pull()
+            return len(self.distinct_ids()) >= count
+
+        wait_until(enough, timeout, f"{count} distinct events in Pub/Sub (have {len(self.distinct_ids())})", 0)
+        return self.distinct_ids()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def site_sequences(events: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Per site, the sequence numbers in delivery order, first delivery of each event only."""
+    seen: set[str] = set()
+    order: dict[str, list[int]] = {}
+    for event in events:
+        if event["event_id"] in seen:
+            continue
+        seen.add(event["event_id"])
+        order.setdefault(event["site_code"], []).append(int(event["value"]))
+    return order
+
+
+def expected_ids(messages: list[Published]) -> set[str]:
+    from fmi_bridge.readings import event_id_for
+
+    return {event_id_for(message.topic, message.payload) for message in messages}
+
+
+def bq_query(client: Any, sql: str) -> list[Any]:
+    return list(client.query(sql).result())
+
+
+def bq_distinct_ids(client: Any, table: str) -> set[str]:
+    return {row[0] for row in bq_query(client, f"SELECT DISTINCT event_id FROM `{table}`")}

@@ -1,0 +1,67 @@
+"""Readings published to a real Mosquitto land in Pub/Sub and BigQuery with the right fields and order."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from tests.conftest import Cloud
+from tests.support import (
+    Bridge,
+    Broker,
+    bq_distinct_ids,
+    bq_query,
+    expected_ids,
+    mosquitto_pub,
+    publish,
+    readings,
+    site_sequences,
+    wait_until,
+)
+
+SITES = ["S01", "S02", "S03", "S04"]
+
+
+def test_readings_of_several_sites_reach_both_sinks_in_site_order(
+        broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]) -> None:
+    bridge = bridges({**cloud.env, "MQTT_PORT": str(broker.port)}).start()
+    bridge.wait_ready()
+    messages = readings(SITES, per_site=250)
+
+    publish(broker.port, messages)
+
+    wanted = expected_ids(messages)
+    assert cloud.reader.wait_for(len(wanted), timeout=60) == wanted
+    wait_until(lambda: bq_distinct_ids(cloud.bq, cloud.readings_table) == wanted, 60, "all rows in BigQuery")
+    order = site_sequences(cloud.reader.events())
+    assert order == {site: list(range(250)) for site in SITES}
+    ordering_keys = {message.ordering_key for message in cloud.reader.messages}
+    assert ordering_keys == set(SITES)
+
+
+def test_event_fields_in_pubsub_and_bigquery(broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]) -> None:
+    bridge = bridges({**cloud.env, "MQTT_PORT": str(broker.port)}).start()
+    bridge.wait_ready()
+    payload = '{"site_code": "MOR", "sensor_id": "FT-101", "timestamp": "2026-11-20T08:15:30.5-07:00", "value": 42.25, "unit": "m3/h"}'
+
+    assert mosquitto_pub(broker.port, "FCTS/FAE/MOR/SolvExtract/PI.FT101.PV", payload).returncode == 0
+
+    cloud.reader.wait_for(1, timeout=30)
+    message = cloud.reader.messages[0]
+    event = json.loads(message.data)
+    assert event["site_code"] == "MOR"
+    assert event["pi_tag"] == "PI.FT101.PV"
+    assert event["sensor_id"] == "FT-101"
+    assert event["value"] == 42.25
+    assert event["timestamp"] == "2026-11-20T15:15:30.500000Z"  # normalised to UTC
+    assert event["mqtt_topic"] == "FCTS/FAE/MOR/SolvExtract/PI.FT101.PV"
+    assert event["received_at"].endswith("Z")
+    assert message.ordering_key == "MOR"
+    assert dict(message.attributes) == {"site_code": "MOR", "pi_tag": "PI.FT101.PV", "event_id": event["event_id"]}
+
+    rows = wait_until(lambda: bq_query(cloud.bq, f"SELECT * FROM `{cloud.readings_table}`"), 30, "the BigQuery row")
+    row = dict(rows[0].items())
+    assert row["event_id"] == event["event_id"]
+    assert row["value"] == 42.25
+    assert row["timestamp"].isoformat() == "2026-11-20T15:15:30.500000+00:00"
+    assert json.loads(row["payload"])["unit"] == "m3/h"  # extra fields kept in the raw payload
