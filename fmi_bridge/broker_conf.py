@@ -33,16 +33,28 @@ def acl_text(bridge_user: str) -> str:
     )
 
 
-def render(app_env: str, *, port: int, data_dir: Path, run_as: str, security: BrokerSecurity | None,
-           bind_address: str = "") -> str:
-    lines = [BASE_CONF.read_text().rstrip(), "", f"# --- {app_env} ---", f"user {run_as}",
-             f"persistence_location {data_dir}/", f"listener {port} {bind_address}".rstrip()]
+def render(
+    app_env: str, *, port: int, data_dir: Path, run_as: str, security: BrokerSecurity | None, bind_address: str = ""
+) -> str:
+    lines = [
+        BASE_CONF.read_text().rstrip(),
+        "",
+        f"# --- {app_env} ---",
+        f"user {run_as}",
+        f"persistence_location {data_dir}/",
+        f"listener {port} {bind_address}".rstrip(),
+    ]
     if app_env in SECURED_ENVIRONMENTS:
         if security is None:
             raise ValueError(f"APP_ENV={app_env} needs the broker's TLS certificate, key and password file")
-        lines += [f"certfile {security.tls_cert}", f"keyfile {security.tls_key}", "tls_version tlsv1.2",
-                  "allow_anonymous false", f"password_file {security.password_file}",
-                  f"acl_file {security.acl_file}"]
+        lines += [
+            f"certfile {security.tls_cert}",
+            f"keyfile {security.tls_key}",
+            "tls_version tlsv1.2",
+            "allow_anonymous false",
+            f"password_file {security.password_file}",
+            f"acl_file {security.acl_file}",
+        ]
         if security.tls_ca:
             lines += [f"cafile {security.tls_ca}", "require_certificate false"]
     else:

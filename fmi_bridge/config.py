@@ -305,3 +305,12 @@ class Config:
             name for name, on in (("pubsub", self.pubsub_enabled), ("bigquery", self.bigquery_enabled)) if on
         ] or ["log"]
         return shown
+
+
+def markdown_table(settings: tuple[Setting, ...]) -> str:
+    """The README's variable table, made from the declarations (a test keeps the README in step)."""
+    lines = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for setting in settings:
+        default = f"`{setting.default}`" if setting.default is not None else ""
+        lines.append(f"| `{setting.name}` | {default} | {setting.help} |")
+    return "\n".join(lines)

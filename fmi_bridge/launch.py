@@ -1,7 +1,7 @@
 """Container start: write this environment's Mosquitto configuration, then hand over to supervisord.
 
-    python -m fmi_bridge.launch            (the image's CMD, and `make run`)
-    python -m fmi_bridge.launch --render   only write the broker configuration and print its path
+python -m fmi_bridge.launch            (the image's CMD, and `make run`)
+python -m fmi_bridge.launch --render   only write the broker configuration and print its path
 """
 
 from __future__ import annotations
@@ -69,12 +69,16 @@ def prepare(environ: dict[str, str]) -> Path:
                 raise LaunchError(f"MQTT_USERNAME is required when APP_ENV={app_env}: the ACL names the bridge")
             acl.write_text(acl_text(environ["MQTT_USERNAME"]))
         security = BrokerSecurity(
-            password_file=_file(environ, "MOSQUITTO_PASSWORD_FILE"), acl_file=acl,
-            tls_cert=_file(environ, "MOSQUITTO_TLS_CERT"), tls_key=_file(environ, "MOSQUITTO_TLS_KEY"),
-            tls_ca=_file(environ, "MOSQUITTO_TLS_CA") if environ.get("MOSQUITTO_TLS_CA") else None)
+            password_file=_file(environ, "MOSQUITTO_PASSWORD_FILE"),
+            acl_file=acl,
+            tls_cert=_file(environ, "MOSQUITTO_TLS_CERT"),
+            tls_key=_file(environ, "MOSQUITTO_TLS_KEY"),
+            tls_ca=_file(environ, "MOSQUITTO_TLS_CA") if environ.get("MOSQUITTO_TLS_CA") else None,
+        )
     conf = run_dir / "mosquitto.conf"
-    conf.write_text(render(app_env, port=int(port_text), data_dir=data_dir, run_as=getpass.getuser(),
-                           security=security))
+    conf.write_text(
+        render(app_env, port=int(port_text), data_dir=data_dir, run_as=getpass.getuser(), security=security)
+    )
     environ.setdefault("MQTT_PORT", port_text)
     environ["BRIDGE_RUN_DIR"] = str(run_dir)
     environ["BRIDGE_APP_DIR"] = str(APP_DIR)

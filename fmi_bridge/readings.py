@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +39,9 @@ REASONS = (
     BAD_VALUE,
 )
 REQUIRED_FIELDS = ("site_code", "sensor_id", "timestamp", "value")
+# ISO 8601 extended form with a zone of whole minutes (RFC 3339 and its common relatives); Python alone would
+# also take offsets with seconds and compact forms, which no sensor gateway sends on purpose.
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?([Zz]|[+-]\d{2}(:?\d{2})?)")
 
 
 @dataclass(frozen=True)
@@ -147,8 +151,10 @@ def parse_timestamp(value: object) -> datetime:
     """An RFC 3339 / ISO 8601 string with a timezone, normalised to UTC."""
     if not isinstance(value, str):
         raise _RejectError(BAD_TIMESTAMP, "timestamp must be an ISO 8601 string")
+    if not _TIMESTAMP.fullmatch(value):
+        raise _RejectError(BAD_TIMESTAMP, f"timestamp {value[:64]!r} is not ISO 8601 with a timezone")
     try:
-        parsed = datetime.fromisoformat(value)
+        parsed = datetime.fromisoformat(value.upper())
     except ValueError:
         raise _RejectError(BAD_TIMESTAMP, f"timestamp {value[:64]!r} is not ISO 8601") from None
     if parsed.tzinfo is None or parsed.utcoffset() is None:

@@ -80,14 +80,21 @@ class Cloud:
 def make_cloud(pubsub_endpoint: PubSubEndpoint, bigquery: BigQueryEmulator) -> Cloud:
     """A fresh topic, subscription, dataset and tables, provisioned by the bridge's own code."""
     n = next(_names)
-    env = {"APP_ENV": "DEV", "GCP_PROJECT_ID": PROJECT, "PUBSUB_TOPIC": f"kpi-{n}", "BIGQUERY_DATASET": f"ds_{n}",
-           "BIGQUERY_TABLE": "readings", "PUBSUB_EMULATOR_HOST": pubsub_endpoint.host,
-           "BIGQUERY_EMULATOR_HOST": bigquery.url}
+    env = {
+        "APP_ENV": "DEV",
+        "GCP_PROJECT_ID": PROJECT,
+        "PUBSUB_TOPIC": f"kpi-{n}",
+        "BIGQUERY_DATASET": f"ds_{n}",
+        "BIGQUERY_TABLE": "readings",
+        "PUBSUB_EMULATOR_HOST": pubsub_endpoint.host,
+        "BIGQUERY_EMULATOR_HOST": bigquery.url,
+    }
     config = Config.from_env(env)
     provision(config)
     reader = PubSubReader(PROJECT, env["PUBSUB_TOPIC"], f"test-sub-{n}")
-    return Cloud(env, config, reader, bigquery.client(), f"{PROJECT}.ds_{n}.readings",
-                 f"{PROJECT}.ds_{n}.readings_rejected")
+    return Cloud(
+        env, config, reader, bigquery.client(), f"{PROJECT}.ds_{n}.readings", f"{PROJECT}.ds_{n}.readings_rejected"
+    )
 
 
 @pytest.fixture

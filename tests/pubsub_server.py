@@ -156,30 +156,41 @@ class PubSubState:
 
 def _unary(handler: Callable[..., Any], request_type: Any) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(
-        handler, request_deserializer=request_type.FromString,
-        response_serializer=lambda message: message.SerializeToString())
+        handler,
+        request_deserializer=request_type.FromString,
+        response_serializer=lambda message: message.SerializeToString(),
+    )
 
 
 class PubSubServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.state = PubSubState()
         s = self.state
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
-                                   options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
-        self._server.add_generic_rpc_handlers((
-            grpc.method_handlers_generic_handler("google.pubsub.v1.Publisher", {
-                "CreateTopic": _unary(s.create_topic, Topic),
-                "GetTopic": _unary(s.get_topic, types.GetTopicRequest.pb()),
-                "Publish": _unary(s.publish, PublishRequest),
-            }),
-            grpc.method_handlers_generic_handler("google.pubsub.v1.Subscriber", {
-                "CreateSubscription": _unary(s.create_subscription, Subscription),
-                "GetSubscription": _unary(s.get_subscription, types.GetSubscriptionRequest.pb()),
-                "Pull": _unary(s.pull, PullRequest),
-                "Acknowledge": _unary(s.acknowledge, types.AcknowledgeRequest.pb()),
-                "ModifyAckDeadline": _unary(s.modify_ack_deadline, types.ModifyAckDeadlineRequest.pb()),
-            }),
-        ))
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=16), options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)]
+        )
+        self._server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "google.pubsub.v1.Publisher",
+                    {
+                        "CreateTopic": _unary(s.create_topic, Topic),
+                        "GetTopic": _unary(s.get_topic, types.GetTopicRequest.pb()),
+                        "Publish": _unary(s.publish, PublishRequest),
+                    },
+                ),
+                grpc.method_handlers_generic_handler(
+                    "google.pubsub.v1.Subscriber",
+                    {
+                        "CreateSubscription": _unary(s.create_subscription, Subscription),
+                        "GetSubscription": _unary(s.get_subscription, types.GetSubscriptionRequest.pb()),
+                        "Pull": _unary(s.pull, PullRequest),
+                        "Acknowledge": _unary(s.acknowledge, types.AcknowledgeRequest.pb()),
+                        "ModifyAckDeadline": _unary(s.modify_ack_deadline, types.ModifyAckDeadlineRequest.pb()),
+                    },
+                ),
+            )
+        )
         self.port = self._server.add_insecure_port(f"{host}:{port}")
         self.host = f"{host}:{self.port}"
 

@@ -60,8 +60,16 @@ class Broker:
         self.data_dir = workdir / "mosquitto"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(render(app_env, port=self.port, data_dir=self.data_dir, run_as=getpass.getuser(),
-                                    security=security, bind_address="127.0.0.1"))
+        self.conf.write_text(
+            render(
+                app_env,
+                port=self.port,
+                data_dir=self.data_dir,
+                run_as=getpass.getuser(),
+                security=security,
+                bind_address="127.0.0.1",
+            )
+        )
         self.log = workdir / "mosquitto.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -107,8 +115,20 @@ class BigQueryEmulator:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> BigQueryEmulator:
-        command = [bqemulator_python(), "-m", "bqemulator", "start", "--rest-port", str(self.rest_port),
-                   "--grpc-port", str(self.grpc_port), "--project", self.project, "--log-level", "warning"]
+        command = [
+            bqemulator_python(),
+            "-m",
+            "bqemulator",
+            "start",
+            "--rest-port",
+            str(self.rest_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            "--project",
+            self.project,
+            "--log-level",
+            "warning",
+        ]
         if self.persistent:
             command += ["--persistent", "--data-dir", str(self.workdir / "bq-data")]
         with (self.workdir / "bqemulator.log").open("ab") as log:
@@ -137,8 +157,9 @@ class BigQueryEmulator:
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import bigquery
 
-        return bigquery.Client(project=self.project, credentials=AnonymousCredentials(),
-                               client_options={"api_endpoint": self.url})
+        return bigquery.Client(
+            project=self.project, credentials=AnonymousCredentials(), client_options={"api_endpoint": self.url}
+        )
 
 
 # -- The bridge under test ---------------------------------------------------------------------------------
@@ -150,15 +171,25 @@ class Bridge:
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:
         self.workdir = workdir
         self.port = free_port()
-        self.env = {**os.environ, "PORT": str(self.port), "SPOOL_DIR": str(workdir / "spool"),
-                    "PYTHONUNBUFFERED": "1", **env}
+        self.env = {
+            **os.environ,
+            "PORT": str(self.port),
+            "SPOOL_DIR": str(workdir / "spool"),
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
         self.log = workdir / "bridge.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, *args: str) -> Bridge:
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen([sys.executable, str(ROOT / "mqtt_subscriber.py"), *args],
-                                            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "mqtt_subscriber.py"), *args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+            )
         return self
 
     def status(self, path: str) -> tuple[int, str]:
@@ -171,8 +202,9 @@ class Bridge:
             return 0, str(exc)
 
     def wait_ready(self, timeout: float = 30) -> None:
-        wait_until(lambda: self.status("/readiness_check")[0] == 200 or not self.alive(), timeout,
-                   "the bridge to be ready")
+        wait_until(
+            lambda: self.status("/readiness_check")[0] == 200 or not self.alive(), timeout, "the bridge to be ready"
+        )
         assert self.alive(), self.output()[-3000:]
 
     def alive(self) -> bool:
@@ -224,8 +256,13 @@ class Published:
 
 def reading(site: str, seq: int, tag: str = "TAG1", sensor: str = "s1") -> Published:
     """A valid reading whose value is its sequence number, so order can be checked downstream."""
-    body = {"site_code": site, "sensor_id": sensor, "timestamp": f"2026-11-01T00:00:{seq % 60:02d}.{seq:06d}+00:00",
-            "value": float(seq), "seq": seq}
+    body = {
+        "site_code": site,
+        "sensor_id": sensor,
+        "timestamp": f"2026-11-01T00:00:{seq % 60:02d}.{seq:06d}+00:00",
+        "value": float(seq),
+        "seq": seq,
+    }
     return Published(TOPIC.format(site=site, tag=tag), json.dumps(body).encode())
 
 
@@ -258,8 +295,13 @@ def publish(port: int, messages: list[Published], qos: int = 1, **connect: Any) 
 
 def mosquitto_pub(port: int, topic: str, payload: bytes | str, *extra: str) -> subprocess.CompletedProcess[bytes]:
     data = payload.encode() if isinstance(payload, str) else payload
-    return subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", topic, "-s",
-                           *extra], input=data, capture_output=True, timeout=20, check=False)
+    return subprocess.run(
+        ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", topic, "-s", *extra],
+        input=data,
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
 
 
 class PubSubReader:
@@ -270,15 +312,17 @@ class PubSubReader:
 
         self.client = pubsub_v1.SubscriberClient()
         self.path = self.client.subscription_path(project, name)
-        self.client.create_subscription(request={"name": self.path, "topic": f"projects/{project}/topics/{topic}",
-                                                 "enable_message_ordering": True})
+        self.client.create_subscription(
+            request={"name": self.path, "topic": f"projects/{project}/topics/{topic}", "enable_message_ordering": True}
+        )
         self.messages: list[Any] = []
 
     def pull(self) -> int:
         response = self.client.pull(request={"subscription": self.path, "max_messages": 1000}, timeout=10)
         if response.received_messages:
-            self.client.acknowledge(request={"subscription": self.path,
-                                             "ack_ids": [m.ack_id for m in response.received_messages]})
+            self.client.acknowledge(
+                request={"subscription": self.path, "ack_ids": [m.ack_id for m in response.received_messages]}
+            )
         self.messages.extend(m.message for m in response.received_messages)
         return len(response.received_messages)
 

@@ -23,7 +23,8 @@ SITES = ["S01", "S02", "S03", "S04"]
 
 
 def test_readings_of_several_sites_reach_both_sinks_in_site_order(
-        broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]) -> None:
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]
+) -> None:
     bridge = bridges({**cloud.env, "MQTT_PORT": str(broker.port)}).start()
     bridge.wait_ready()
     messages = readings(SITES, per_site=250)

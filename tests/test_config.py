@@ -1,0 +1,122 @@
+"""Configuration: bad values stop start-up with exit 2 and one line naming the variable; secrets never show."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fmi_bridge.config import SETTINGS, Config, ConfigError, markdown_table
+from fmi_bridge.launch import LAUNCH_SETTINGS
+
+ROOT = Path(__file__).resolve().parent.parent
+CLOUD = {"GCP_PROJECT_ID": "p", "PUBSUB_TOPIC": "t", "BIGQUERY_DATASET": "d", "BIGQUERY_TABLE": "readings"}
+
+
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    clean = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in {s.name for s in SETTINGS} and not key.startswith("MQTT_")
+    }
+    return subprocess.run(
+        [sys.executable, str(ROOT / "mqtt_subscriber.py"), *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "problem"),
+    [
+        ({}, "APP_ENV", "required"),
+        ({"APP_ENV": "TEST"}, "APP_ENV", "must be one of LOCAL, DEV, PPRD, PRD"),
+        ({"APP_ENV": "DEV"}, "GCP_PROJECT_ID", "required"),
+        ({"APP_ENV": "DEV", **CLOUD, "BIGQUERY_TABLE": ""}, "BIGQUERY_TABLE", "required"),
+        ({"APP_ENV": "LOCAL", "MQTT_PORT": "eighty"}, "MQTT_PORT", "must be an integer"),
+        ({"APP_ENV": "LOCAL", "MQTT_PORT": "70000"}, "MQTT_PORT", "port number"),
+        ({"APP_ENV": "LOCAL", "SPOOL_MAX_BYTES": "-1"}, "SPOOL_MAX_BYTES", "positive"),
+        ({"APP_ENV": "LOCAL", "MQTT_TOPIC": "a,,b"}, "MQTT_TOPIC", "non-empty"),
+        ({"APP_ENV": "LOCAL", "PUBSUB_EMULATOR_HOST": "localhost"}, "PUBSUB_EMULATOR_HOST", "host:port"),
+        ({"APP_ENV": "LOCAL", "BIGQUERY_EMULATOR_HOST": "127.0.0.1:9050"}, "BIGQUERY_EMULATOR_HOST", "http://"),
+        ({"APP_ENV": "LOCAL", "PUBSUB_EMULATOR_HOST": "127.0.0.1:1"}, "GCP_PROJECT_ID", "required"),
+        ({"APP_ENV": "LOCAL", "MQTT_TLS_CA": "/nonexistent/ca.pem"}, "MQTT_TLS_CA", "does not exist"),
+        ({"APP_ENV": "PRD", **CLOUD}, "MQTT_TLS_CA", "TLS"),
+    ],
+)
+def test_bad_configuration_exits_2_naming_the_variable(env: dict[str, str], variable: str, problem: str) -> None:
+    result = run(env, "check-config")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert variable in lines[0] and problem in lines[0]
+    assert result.stdout == ""
+
+
+def test_bad_configuration_stops_the_daemon_too() -> None:
+    result = run({"APP_ENV": "DEV"})
+    assert result.returncode == 2
+    assert "GCP_PROJECT_ID" in result.stderr
+
+
+def test_prd_needs_credentials_besides_tls(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    result = run({"APP_ENV": "PRD", **CLOUD, "MQTT_TLS_CA": str(ca), "MQTT_USERNAME": "bridge"}, "check-config")
+    assert result.returncode == 2
+    assert "MQTT_PASSWORD" in result.stderr
+
+
+def test_check_config_prints_the_effective_configuration_with_secrets_masked(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret-from-file\n")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    env = {
+        "APP_ENV": "PRD",
+        **CLOUD,
+        "MQTT_TLS_CA": str(ca),
+        "MQTT_USERNAME": "bridge",
+        "MQTT_PASSWORD_FILE": str(secret),
+    }
+    result = run(env, "check-config")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["MQTT_PASSWORD"] == "***"
+    assert "s3cret" not in result.stdout + result.stderr
+    assert shown["BIGQUERY_REJECTS_TABLE"] == "readings_rejected"
+    assert shown["MQTT_CLIENT_ID"] == "fmi-mqtt-bridge-prd"
+    assert shown["MQTT_TOPIC"] == "FCTS/FAE/+/SolvExtract/+"
+    assert shown["sinks"] == ["pubsub", "bigquery"]
+
+
+def test_a_secret_in_a_bad_value_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as raised:
+        Config.from_env({"APP_ENV": "LOCAL", "MQTT_PASSWORD": "hunter2"})
+    assert "hunter2" not in str(raised.value)
+
+
+def test_local_sinks_follow_the_emulator_hosts() -> None:
+    local = Config.from_env({"APP_ENV": "LOCAL"})
+    assert not local.pubsub_enabled and not local.bigquery_enabled
+    with_pubsub = Config.from_env({"APP_ENV": "LOCAL", **CLOUD, "PUBSUB_EMULATOR_HOST": "127.0.0.1:8085"})
+    assert with_pubsub.pubsub_enabled and not with_pubsub.bigquery_enabled
+    assert Config.from_env({"APP_ENV": "DEV", **CLOUD}).bigquery_enabled
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    result = run({"APP_ENV": "LOCAL"}, "frobnicate")
+    assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_readme_lists_every_variable_as_declared() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert markdown_table(SETTINGS) in readme
+    assert markdown_table(LAUNCH_SETTINGS) in readme
