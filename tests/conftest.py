@@ -14,10 +14,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fmi_bridge.config import Config  # noqa: E402 (after the path is set)
-from fmi_bridge.provision import provision  # noqa: E402
-from tests.pubsub_server import Faults, PubSubServer  # noqa: E402
-from tests.support import BigQueryEmulator, Bridge, Broker, PubSubReader  # noqa: E402
+from fmi_bridge.config import Config
+from fmi_bridge.provision import provision
+from tests.pubsub_server import Faults, PubSubServer
+from tests.support import BigQueryEmulator, Bridge, Broker, PubSubReader
 
 PROJECT = "fmi-test"
 _names = itertools.count(1)

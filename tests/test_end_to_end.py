@@ -43,7 +43,10 @@ def test_readings_of_several_sites_reach_both_sinks_in_site_order(
 def test_event_fields_in_pubsub_and_bigquery(broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]) -> None:
     bridge = bridges({**cloud.env, "MQTT_PORT": str(broker.port)}).start()
     bridge.wait_ready()
-    payload = '{"site_code": "MOR", "sensor_id": "FT-101", "timestamp": "2026-11-20T08:15:30.5-07:00", "value": 42.25, "unit": "m3/h"}'
+    payload = (
+        '{"site_code": "MOR", "sensor_id": "FT-101", "timestamp": "2026-11-20T08:15:30.5-07:00", '
+        '"value": 42.25, "unit": "m3/h"}'
+    )
 
     assert mosquitto_pub(broker.port, "FCTS/FAE/MOR/SolvExtract/PI.FT101.PV", payload).returncode == 0
 

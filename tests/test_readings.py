@@ -65,7 +65,8 @@ def test_bad_topics(topic: str) -> None:
         ('{"value": NaN}', r.BAD_JSON),
         ('{"value": Infinity}', r.BAD_JSON),
         (
-            '{"site_code": "MOR", "site_code": "MOR", "sensor_id": "a", "timestamp": "2026-01-01T00:00:00Z", "value": 1}',
+            '{"site_code": "MOR", "site_code": "MOR", "sensor_id": "a", '
+            '"timestamp": "2026-01-01T00:00:00Z", "value": 1}',
             r.BAD_JSON,
         ),
         ("[1, 2]", r.NOT_AN_OBJECT),
