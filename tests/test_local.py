@@ -1,0 +1,72 @@
+"""APP_ENV=LOCAL: every event is logged and nothing leaves the machine."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.support import Bridge, Broker, expected_ids, publish, readings, wait_until
+
+
+class ConnectionTrap:
+    """A listener standing in for every proxy: any outbound HTTP or gRPC attempt would connect here."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+
+@pytest.fixture
+def trap() -> Iterator[ConnectionTrap]:
+    trap = ConnectionTrap()
+    yield trap
+    trap.sock.close()
+
+
+def test_local_logs_each_event_and_makes_no_cloud_call(
+    broker: Broker, bridges: Callable[..., Bridge], trap: ConnectionTrap, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PUBSUB_EMULATOR_HOST", raising=False)
+    monkeypatch.delenv("BIGQUERY_EMULATOR_HOST", raising=False)
+    proxies = {name: trap.url for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy", "grpc_proxy")}
+    env = {
+        "APP_ENV": "LOCAL",
+        "MQTT_PORT": str(broker.port),
+        "GCP_PROJECT_ID": "would-be-real",
+        "PUBSUB_TOPIC": "kpi",
+        "BIGQUERY_DATASET": "fmi",
+        "BIGQUERY_TABLE": "readings",
+        "NO_PROXY": "",
+        **proxies,
+    }
+    assert "PUBSUB_EMULATOR_HOST" not in os.environ
+    bridge = bridges(env).start()
+    bridge.wait_ready()
+    messages = readings(["MOR", "BAG"], per_site=20)
+
+    publish(broker.port, messages)
+
+    def logged_ids() -> set[str]:
+        return {e["event_id"] for e in bridge.log_entries() if e.get("message") == "reading"}
+
+    wait_until(lambda: logged_ids() == expected_ids(messages), 30, "every reading in the log")
+    assert trap.connections == 0
+    assert bridge.metric("fmi_bridge_sink_sent_total", 'sink="log"') == len(messages)
+    assert bridge.metric("fmi_bridge_sink_sent_total", 'sink="pubsub"') == 0

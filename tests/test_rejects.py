@@ -1,0 +1,61 @@
+"""Bad input is rejected with a reason, kept in the rejects table, and never stops the good readings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from fmi_bridge import readings as r
+from tests.conftest import Cloud
+from tests.support import Bridge, Broker, Published, bq_query, expected_ids, publish, reading, wait_until
+
+GOOD = {"site_code": "MOR", "sensor_id": "FT-1", "timestamp": "2026-11-20T08:00:00Z", "value": 1.0}
+T = "FCTS/FAE/MOR/SolvExtract/TAG"
+
+BAD = {
+    r.BAD_TOPIC: Published("FCTS/FAE/MOR/Other/TAG", json.dumps(GOOD).encode()),
+    r.PAYLOAD_TOO_LARGE: Published(T, json.dumps({**GOOD, "pad": "x" * 70_000}).encode()),
+    r.BAD_ENCODING: Published(T, b'{"site_code": "MOR\xff"}'),
+    r.BAD_JSON: Published(T, b'{"value": NaN}'),
+    r.NOT_AN_OBJECT: Published(T, b"[1, 2, 3]"),
+    r.MISSING_FIELD: Published(T, json.dumps({"site_code": "MOR"}).encode()),
+    r.BAD_SITE_CODE: Published(T, json.dumps({**GOOD, "site_code": ""}).encode()),
+    r.SITE_MISMATCH: Published(T, json.dumps({**GOOD, "site_code": "BAG"}).encode()),
+    r.BAD_SENSOR_ID: Published(T, json.dumps({**GOOD, "sensor_id": 12}).encode()),
+    r.BAD_TIMESTAMP: Published(T, json.dumps({**GOOD, "timestamp": "2026-11-20 08:00"}).encode()),
+    r.BAD_VALUE: Published(T, json.dumps({**GOOD, "value": "12.5"}).encode()),
+}
+
+
+def test_every_reject_reason_lands_in_the_rejects_table_and_good_readings_still_flow(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]
+) -> None:
+    assert set(BAD) == set(r.REASONS)
+    bridge = bridges({**cloud.env, "MQTT_PORT": str(broker.port), "MQTT_TOPIC": "FCTS/FAE/#"}).start()
+    bridge.wait_ready()
+    good = [reading("MOR", seq) for seq in range(len(BAD) + 1)]
+    mixed = [message for pair in zip(good, BAD.values(), strict=False) for message in pair] + good[len(BAD) :]
+
+    publish(broker.port, mixed)
+
+    rows = wait_until(
+        lambda: (rs := bq_query(cloud.bq, f"SELECT * FROM `{cloud.rejects_table}`")) and len(rs) >= len(BAD) and rs,
+        60,
+        "every reject in BigQuery",
+    )
+    by_reason = {row["reason"]: row for row in rows}
+    assert set(by_reason) == set(BAD)
+    for reason, message in BAD.items():
+        row = by_reason[reason]
+        assert row["mqtt_topic"] == message.topic
+        assert row["detail"]
+        if reason == r.BAD_ENCODING:
+            assert row["payload"] == '{"site_code": "MOR\\xff"}'
+        elif reason == r.PAYLOAD_TOO_LARGE:
+            assert len(row["payload"]) == 64 * 1024  # the start of it is kept
+        else:
+            assert row["payload"] == message.payload.decode()
+    assert cloud.reader.wait_for(len(good), timeout=30) == expected_ids(good)
+    for reason in BAD:
+        assert bridge.metric("fmi_bridge_messages_rejected_total", f'reason="{reason}"') == 1
+    assert bridge.metric("fmi_bridge_messages_accepted_total") == len(good)
