@@ -52,13 +52,16 @@ class Intake:
                     return
                 continue
             entries = [self._entry(message) for message in group]
-            while not self._commit(entries, len(group)):
-                if stop.wait(RETRY_SECONDS):
+            while group:
+                committed = self._commit(entries)
+                for message in group[:committed]:
+                    self._ack(message)
+                if committed:
+                    self._committed()
+                group, entries = group[committed:], entries[committed:]
+                if group and stop.wait(RETRY_SECONDS):
                     return  # not acknowledged: the broker redelivers these to the next session
                 self.heartbeat = time.monotonic()
-            for message in group:
-                self._ack(message)
-            self._committed()
 
     def _take(self) -> list[Inbound]:
         try:
@@ -97,20 +100,23 @@ class Intake:
             },
         )
 
-    def _commit(self, entries: list[Entry], messages: int) -> bool:
+    def _commit(self, entries: list[Entry]) -> int:
+        """How many of the entries the spool took (from the first on); 0 while it has no room."""
         try:
-            self.spool.append(entries)
+            committed = self.spool.append(entries)
         except SpoolFullError as exc:
-            self._hold(str(exc), messages, logging.WARNING)
-            return False
+            self._hold(str(exc), len(entries), logging.WARNING)
+            return 0
         except SpoolError as exc:
-            self._hold(str(exc), messages, logging.ERROR)
-            return False
-        if self.full_reason is not None:
+            self._hold(str(exc), len(entries), logging.ERROR)
+            return 0
+        if committed < len(entries):
+            self._hold("spool is near its limit", len(entries) - committed, logging.WARNING)
+        elif self.full_reason is not None:
             log.info("spool has room again; acknowledging messages", extra={"was": self.full_reason})
             self.full_reason = None
             self.metrics.backpressure.set(0)
-        return True
+        return committed
 
     def _hold(self, reason: str, messages: int, level: int) -> None:
         if self.full_reason is None:

@@ -159,24 +159,33 @@ class Spool:
             return f"only {free} bytes free on disk, at least {self.min_free_bytes} needed"
         return None
 
-    def append(self, entries: Sequence[Entry]) -> None:
-        """Commit all entries in one transaction, or none (raising SpoolFullError or SpoolError)."""
+    def append(self, entries: Sequence[Entry]) -> int:
+        """Commit, in one transaction, as many entries (from the first on) as there is room for; return how
+        many. Raise SpoolFullError when not even the first fits, SpoolError when the write fails."""
         if not entries:
-            return
+            return 0
         rows = self._rows(entries)
-        incoming = sum(row[3] for row in rows)
-        problem = self.room_problem(incoming)
+        problem = self.room_problem(rows[0][3])
         if problem:
             raise SpoolFullError(problem)
+        room = self.max_bytes - self._bytes
+        fitting = 0
+        for row in rows:
+            room -= row[3]
+            if room < 0:
+                break
+            fitting += 1
+        rows = rows[:fitting]
         conn = self._connection(synchronous="FULL")
         try:
             with _transaction(conn):
                 self._insert(conn, rows)
-            self._count(len(rows), incoming)
         except sqlite3.OperationalError as exc:
             if "full" in str(exc).lower():
                 raise SpoolFullError(f"disk full: {exc}") from exc
             raise SpoolError(f"spool write failed: {exc}") from exc
+        self._count(len(rows), sum(row[3] for row in rows))
+        return len(rows)
 
     def _rows(self, entries: Iterable[Entry]) -> list[tuple[str, str | None, str, int, int, float]]:
         now = time.time()

@@ -337,7 +337,10 @@ class PubSubReader:
             self.pull()
             return len(self.distinct_ids()) >= count
 
-        wait_until(enough, timeout, f"{count} distinct events in Pub/Sub (have {len(self.distinct_ids())})", 0)
+        try:
+            wait_until(enough, timeout, f"{count} distinct events in Pub/Sub", 0)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; got {len(self.distinct_ids())}") from None
         return self.distinct_ids()
 
     def close(self) -> None:
