@@ -1,0 +1,124 @@
+"""Fuzzing the message path: no input raises out of it, and each is accepted or rejected with a known reason.
+
+The path is the one the intake runs: validate → spool row → commit to a real spool.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fmi_bridge.intake import Intake
+from fmi_bridge.metrics import Metrics
+from fmi_bridge.readings import REASONS, Inbound
+from fmi_bridge.spool import READING, Spool
+
+NOW = datetime(2026, 11, 22, tzinfo=UTC)
+VALID_TOPIC = "FCTS/FAE/MOR/SolvExtract/TAG"
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+field_values = st.one_of(
+    json_values,
+    st.sampled_from(
+        ["MOR", "", " ", "2026-11-20T08:00:00Z", "2026-11-20", "9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+01:00"]
+    ),
+)
+near_readings = st.fixed_dictionaries(
+    {},
+    optional={
+        "site_code": field_values,
+        "sensor_id": field_values,
+        "timestamp": field_values,
+        "value": field_values,
+    },
+).map(lambda document: json.dumps(document).encode())
+tokens = st.sampled_from(
+    [
+        b"NaN",
+        b"Infinity",
+        b"-Infinity",
+        b"1e999",
+        b"-1e999",
+        b"9" * 5000,
+        b"\xff",
+        b"\xed\xa0\x80",
+        b'"\\ud800"',
+        b"null",
+        b"true",
+        b"{",
+        b"}",
+        b"[",
+        b'"a":1',
+        b",",
+        b" ",
+    ]
+)
+token_soup = st.lists(tokens, max_size=30).map(b"".join)
+templated = st.tuples(
+    st.sampled_from([b"NaN", b"Infinity", b"1e400", b"-0", b"1" * 400, b'"1.5"', b"true"]),
+    st.sampled_from([b'"MOR"', b'"BAG"', b'""', b"1"]),
+).map(
+    lambda parts: (
+        b'{"site_code": %s, "sensor_id": "a", "timestamp": "2026-11-20T08:00:00Z", "value": %s}' % (parts[1], parts[0])
+    )
+)
+duplicates = st.just(
+    b'{"site_code": "MOR", "sensor_id": "a", "sensor_id": "b", "timestamp": "2026-11-20T08:00:00Z", "value": 1}'
+)
+deep = st.integers(1, 200_000).map(lambda depth: b"[" * depth + b"]" * depth)
+oversized = st.integers(64 * 1024 - 8, 64 * 1024 + 8).map(lambda size: b'{"pad": "' + b"x" * size + b'"}')
+payloads = st.one_of(
+    st.binary(max_size=300),
+    near_readings,
+    token_soup,
+    templated,
+    duplicates,
+    deep,
+    oversized,
+    st.text(max_size=100).map(lambda text: text.encode("utf-8", "surrogatepass")),
+)
+topics = st.one_of(
+    st.text(max_size=60),
+    st.just(VALID_TOPIC),
+    st.builds("FCTS/FAE/{}/SolvExtract/{}".format, st.text(max_size=10), st.text(max_size=10)),
+    st.binary(max_size=40).map(lambda raw: raw.decode("utf-8", "backslashreplace")),
+)
+
+
+def test_no_input_raises_out_of_the_message_path(tmp_path: Path) -> None:
+    spool = Spool.open(tmp_path / "spool", max_bytes=10**9, min_free_bytes=1, reading_bits=3, reject_bits=2)
+    metrics = Metrics()
+    intake = Intake(spool, metrics, ack=lambda message: None, committed=lambda: None)
+    seen = {"accepted": 0, "rejected": 0}
+
+    @given(topic=topics, payload=payloads)
+    @settings(
+        max_examples=10_000,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    def one(topic: str, payload: bytes) -> None:
+        entry = intake._entry(Inbound(topic, payload, NOW))
+        assert spool.append([entry]) == 1  # the row is JSON the spool can store
+        if entry.kind == READING:
+            seen["accepted"] += 1
+        else:
+            assert entry.row["reason"] in REASONS and entry.row["detail"]
+            seen["rejected"] += 1
+
+    one()
+    total = seen["accepted"] + seen["rejected"]
+    assert total >= 10_000
+    assert seen["accepted"] > 0 and seen["rejected"] > 0
+    assert metrics.registry.get_sample_value("fmi_bridge_messages_received_total") == total
+    assert spool.stats().records == total

@@ -1,0 +1,98 @@
+"""The spool on a real SQLite file: per-sink progress, dead letters, limits, and surviving a reopen."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fmi_bridge.spool import READING, REJECT, Entry, Spool, SpoolFullError
+
+PUBSUB, BIGQUERY = 1, 2
+
+
+def open_spool(directory: Path, max_bytes: int = 10**9) -> Spool:
+    return Spool.open(
+        directory, max_bytes=max_bytes, min_free_bytes=1, reading_bits=PUBSUB | BIGQUERY, reject_bits=BIGQUERY
+    )
+
+
+def entry(n: int, site: str = "S1") -> Entry:
+    return Entry(READING, site, {"event_id": f"e{n}", "n": n, "pad": "x" * 50})
+
+
+def size(e: Entry) -> int:
+    return len(json.dumps(e.row, separators=(",", ":")))
+
+
+def test_a_record_leaves_only_when_every_sink_confirmed(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    spool.append([entry(n) for n in range(5)])
+    ids = [record.id for record in spool.pending(PUBSUB, 10)]
+
+    spool.settle(PUBSUB, ids[:3])
+    assert [r.row["n"] for r in spool.pending(PUBSUB, 10)] == [3, 4]
+    assert [r.row["n"] for r in spool.pending(BIGQUERY, 10)] == [0, 1, 2, 3, 4]
+    assert spool.stats().records == 5
+
+    spool.settle(BIGQUERY, ids)
+    assert [r.row["n"] for r in spool.pending(BIGQUERY, 10)] == []
+    assert spool.stats().records == 2
+
+
+def test_pending_skips_excluded_sites_and_keeps_spool_order(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    spool.append([entry(n, site) for n in range(3) for site in ("A", "B", "C")])
+    assert [(r.site_code, r.row["n"]) for r in spool.pending(PUBSUB, 10, exclude_sites={"B"})] == [
+        ("A", 0),
+        ("C", 0),
+        ("A", 1),
+        ("C", 1),
+        ("A", 2),
+        ("C", 2),
+    ]
+    first_b = spool.first_pending_for_site(PUBSUB, "B")
+    assert first_b is not None and first_b.row["n"] == 0
+
+
+def test_a_dead_letter_becomes_a_reject_for_bigquery_in_the_same_step(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    spool.append([entry(0)])
+    (record,) = spool.pending(PUBSUB, 10)
+
+    spool.settle(PUBSUB, [], dead_letters=[(record.id, {"reason": "pubsub_rejected", "event_id": "e0"})])
+
+    assert spool.pending(PUBSUB, 10) == []
+    waiting = spool.pending(BIGQUERY, 10)
+    assert [(r.kind, r.row.get("reason")) for r in waiting] == [(READING, None), (REJECT, "pubsub_rejected")]
+
+
+def test_a_full_spool_takes_what_fits_then_refuses(tmp_path: Path) -> None:
+    limit = 5 * size(entry(0)) + 10
+    spool = open_spool(tmp_path, max_bytes=limit)
+    assert spool.append([entry(n) for n in range(10)]) == 5
+    with pytest.raises(SpoolFullError, match=f"limit {limit}"):
+        spool.append([entry(99)])
+    spool.settle(PUBSUB, [r.id for r in spool.pending(PUBSUB, 10)])
+    spool.settle(BIGQUERY, [r.id for r in spool.pending(BIGQUERY, 10)])
+    assert spool.append([entry(99)]) == 1
+
+
+def test_low_disk_space_refuses_records(tmp_path: Path) -> None:
+    spool = Spool.open(tmp_path, max_bytes=10**9, min_free_bytes=2**62, reading_bits=3, reject_bits=2)
+    with pytest.raises(SpoolFullError, match="free on disk"):
+        spool.append([entry(0)])
+    assert not spool.writable()
+
+
+def test_records_survive_a_reopen(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    spool.append([entry(n) for n in range(3)])
+    spool.settle(PUBSUB, [spool.pending(PUBSUB, 1)[0].id])
+    spool.close()
+
+    again = open_spool(tmp_path)
+    assert again.stats().records == 3
+    assert [r.row["n"] for r in again.pending(PUBSUB, 10)] == [1, 2]
+    assert again.stats().bytes == sum(size(entry(n)) for n in range(3))
