@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fmi_bridge.broker_conf import SECURED_ENVIRONMENTS, BrokerSecurity, acl_text, render
 from fmi_bridge.config import ENVIRONMENTS, Setting
+from fmi_bridge.secrets import SecretError, fetch_secrets
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -31,11 +32,22 @@ LAUNCH_SETTINGS: tuple[Setting, ...] = (
         "MOSQUITTO_ACL_FILE",
         "Optional ACL file; default: the bridge reads FCTS/FAE/#, a site user writes its own site.",
     ),
+    Setting(
+        "SECRET_MANAGER_EMULATOR_HOST",
+        "host:port of a Secret Manager stand-in (plain gRPC, no credentials), for `<X>_SECRET` variables.",
+    ),
 )
 
 
 class LaunchError(ValueError):
     pass
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # an arbitrary uid with no passwd entry: mosquitto ignores `user` when not root
+        return "mosquitto"
 
 
 def _file(environ: Mapping[str, str], name: str) -> Path:
@@ -61,6 +73,10 @@ def prepare(environ: dict[str, str]) -> Path:
         raise LaunchError(f"MOSQUITTO_PORT={port_text!r}: must be a port number")
     run_dir.mkdir(parents=True, exist_ok=True)
     data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fetch_secrets(environ, run_dir / "secrets")
+    except SecretError as exc:
+        raise LaunchError(str(exc)) from exc
     security = None
     if secured:
         acl = Path(environ["MOSQUITTO_ACL_FILE"]) if environ.get("MOSQUITTO_ACL_FILE") else run_dir / "acl"
@@ -76,9 +92,7 @@ def prepare(environ: dict[str, str]) -> Path:
             tls_ca=_file(environ, "MOSQUITTO_TLS_CA") if environ.get("MOSQUITTO_TLS_CA") else None,
         )
     conf = run_dir / "mosquitto.conf"
-    conf.write_text(
-        render(app_env, port=int(port_text), data_dir=data_dir, run_as=getpass.getuser(), security=security)
-    )
+    conf.write_text(render(app_env, port=int(port_text), data_dir=data_dir, run_as=_user(), security=security))
     environ.setdefault("MQTT_PORT", port_text)
     environ["BRIDGE_RUN_DIR"] = str(run_dir)
     environ["BRIDGE_APP_DIR"] = str(APP_DIR)
