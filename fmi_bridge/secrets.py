@@ -12,6 +12,10 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
+import grpc
+from google.cloud import secretmanager
+from google.cloud.secretmanager_v1.services.secret_manager_service.transports import SecretManagerServiceGrpcTransport
+
 SECRET_FILE_VARIABLES = (
     "MQTT_PASSWORD_FILE", "MQTT_TLS_CA", "MQTT_TLS_CERT", "MQTT_TLS_KEY",
     "MOSQUITTO_PASSWORD_FILE", "MOSQUITTO_TLS_CERT", "MOSQUITTO_TLS_KEY", "MOSQUITTO_TLS_CA", "MOSQUITTO_ACL_FILE",
@@ -31,15 +35,8 @@ def version_name(reference: str, project: str | None) -> str:
 
 
 def secret_client(environ: MutableMapping[str, str]) -> Any:
-    from google.cloud import secretmanager
-
     host = environ.get("SECRET_MANAGER_EMULATOR_HOST")
     if host:  # tests and local runs: plain gRPC, no credentials, like the other emulator hosts
-        import grpc
-        from google.cloud.secretmanager_v1.services.secret_manager_service.transports import (
-            SecretManagerServiceGrpcTransport,
-        )
-
         return secretmanager.SecretManagerServiceClient(
             transport=SecretManagerServiceGrpcTransport(channel=grpc.insecure_channel(host))
         )

@@ -154,7 +154,7 @@ class PubSubState:
         return empty_pb2.Empty()
 
 
-def _unary(handler: Callable[..., Any], request_type: Any) -> grpc.RpcMethodHandler:
+def unary(handler: Callable[..., Any], request_type: Any) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(
         handler,
         request_deserializer=request_type.FromString,
@@ -174,19 +174,19 @@ class PubSubServer:
                 grpc.method_handlers_generic_handler(
                     "google.pubsub.v1.Publisher",
                     {
-                        "CreateTopic": _unary(s.create_topic, Topic),
-                        "GetTopic": _unary(s.get_topic, types.GetTopicRequest.pb()),
-                        "Publish": _unary(s.publish, PublishRequest),
+                        "CreateTopic": unary(s.create_topic, Topic),
+                        "GetTopic": unary(s.get_topic, types.GetTopicRequest.pb()),
+                        "Publish": unary(s.publish, PublishRequest),
                     },
                 ),
                 grpc.method_handlers_generic_handler(
                     "google.pubsub.v1.Subscriber",
                     {
-                        "CreateSubscription": _unary(s.create_subscription, Subscription),
-                        "GetSubscription": _unary(s.get_subscription, types.GetSubscriptionRequest.pb()),
-                        "Pull": _unary(s.pull, PullRequest),
-                        "Acknowledge": _unary(s.acknowledge, types.AcknowledgeRequest.pb()),
-                        "ModifyAckDeadline": _unary(s.modify_ack_deadline, types.ModifyAckDeadlineRequest.pb()),
+                        "CreateSubscription": unary(s.create_subscription, Subscription),
+                        "GetSubscription": unary(s.get_subscription, types.GetSubscriptionRequest.pb()),
+                        "Pull": unary(s.pull, PullRequest),
+                        "Acknowledge": unary(s.acknowledge, types.AcknowledgeRequest.pb()),
+                        "ModifyAckDeadline": unary(s.modify_ack_deadline, types.ModifyAckDeadlineRequest.pb()),
                     },
                 ),
             )

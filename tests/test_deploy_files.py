@@ -1,0 +1,136 @@
+"""The deployment files, checked without a cloud: App Engine's app.yaml rules, GitLab's CI schema, hadolint."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fmi_bridge.config import ENVIRONMENTS, SETTINGS
+from fmi_bridge.launch import LAUNCH_SETTINGS
+from fmi_bridge.secrets import SECRET_FILE_VARIABLES
+
+ROOT = Path(__file__).resolve().parent.parent
+DESCRIPTORS = {"DEV": "dev.yml", "PPRD": "pprd.yml", "PRD": "prd.yml"}
+
+# App Engine flexible's app.yaml: the keys it takes, and the ranges its reference gives.
+TOP_LEVEL = {"runtime", "env", "service", "service_account", "env_variables", "resources", "network",
+             "manual_scaling", "automatic_scaling", "liveness_check", "readiness_check", "beta_settings",
+             "runtime_config", "entrypoint", "build_env_variables", "endpoints_api_service", "inbound_services",
+             "skip_files"}
+SCALING = {"manual_scaling", "automatic_scaling"}
+NETWORK = {"name", "subnetwork_name", "instance_tag", "forwarded_ports", "session_affinity", "instance_ip_mode"}
+RESOURCES = {"cpu", "memory_gb", "disk_size_gb", "volumes"}
+LIVENESS = {"path": None, "check_interval_sec": (1, 300), "timeout_sec": (1, 300), "failure_threshold": (1, 10),
+            "success_threshold": (1, 10), "initial_delay_sec": (0, 3600)}
+READINESS = {"path": None, "check_interval_sec": (1, 300), "timeout_sec": (1, 300), "failure_threshold": (1, 10),
+             "success_threshold": (1, 10), "app_start_timeout_sec": (1, 3600)}
+GCE_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def load(name: str) -> dict[str, Any]:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def check_health(block: dict[str, Any], rules: dict[str, tuple[int, int] | None], endpoint: str) -> None:
+    assert set(block) <= set(rules), set(block) - set(rules)
+    assert block["path"] == endpoint
+    for key, bounds in rules.items():
+        if bounds and key in block:
+            assert isinstance(block[key], int) and bounds[0] <= block[key] <= bounds[1], key
+    assert block["timeout_sec"] < block["check_interval_sec"]
+
+
+@pytest.mark.parametrize("app_env", list(DESCRIPTORS))
+def test_descriptor_follows_app_engine_flexible_rules(app_env: str) -> None:
+    app = load(DESCRIPTORS[app_env])
+    assert set(app) <= TOP_LEVEL, set(app) - TOP_LEVEL
+    assert (app["runtime"], app["env"]) == ("custom", "flex")
+    assert GCE_NAME.fullmatch(app["service"])
+    assert re.fullmatch(r"[a-z][-a-z0-9]{4,28}[a-z0-9]@[a-z][-a-z0-9]+\.iam\.gserviceaccount\.com",
+                        app["service_account"])
+    assert len(SCALING & set(app)) == 1 and app["manual_scaling"] == {"instances": 1}
+
+    resources = app["resources"]
+    assert set(resources) <= RESOURCES
+    cpu, memory = resources["cpu"], resources["memory_gb"]
+    assert cpu == 1 or (cpu % 2 == 0 and 2 <= cpu <= 80)
+    assert 0.9 <= (memory + 0.4) / cpu <= 6.5  # per-core memory, with the 0.4 GB the platform takes
+    assert resources["disk_size_gb"] == 10
+
+    network = app["network"]
+    assert set(network) <= NETWORK and "vpc_access_connector" not in app
+    for key in ("name", "subnetwork_name", "instance_tag"):
+        assert GCE_NAME.fullmatch(network[key]), key
+    for port in network["forwarded_ports"]:
+        assert re.fullmatch(r"\d{1,5}(:\d{1,5})?(/(tcp|udp))?", port)
+    forwarded = {int(re.split(r"[:/]", port)[0]) for port in network["forwarded_ports"]}
+    variables = app["env_variables"]
+    assert int(variables["MQTT_PORT"]) in forwarded
+
+    check_health(app["liveness_check"], LIVENESS, "/liveness_check")
+    check_health(app["readiness_check"], READINESS, "/readiness_check")
+
+    assert all(isinstance(value, str) for value in variables.values())
+    assert variables["APP_ENV"] == app_env
+    known = {s.name for s in SETTINGS} | {s.name for s in LAUNCH_SETTINGS}
+    known |= {f"{name}_SECRET" for name in SECRET_FILE_VARIABLES}
+    assert set(variables) <= known, set(variables) - known
+    assert variables["GCP_PROJECT_ID"] in app["service_account"]
+
+
+def test_production_is_larger_and_secured() -> None:
+    dev, pprd, prd = (load(DESCRIPTORS[env]) for env in ("DEV", "PPRD", "PRD"))
+    assert prd["resources"]["cpu"] > dev["resources"]["cpu"]
+    assert prd["resources"]["memory_gb"] > max(dev["resources"]["memory_gb"], pprd["resources"]["memory_gb"])
+    for app in (pprd, prd):
+        variables = app["env_variables"]
+        assert variables["MQTT_PORT"] == "8883"
+        assert {"MQTT_USERNAME", "MQTT_PASSWORD_FILE_SECRET", "MQTT_TLS_CA_SECRET", "MOSQUITTO_PASSWORD_FILE_SECRET",
+                "MOSQUITTO_TLS_CERT_SECRET", "MOSQUITTO_TLS_KEY_SECRET"} <= set(variables)
+        assert not {"MQTT_PASSWORD", "MQTT_PASSWORD_FILE"} & set(variables)  # no secret values in the file
+    assert {dev["env_variables"]["GCP_PROJECT_ID"], pprd["env_variables"]["GCP_PROJECT_ID"],
+            prd["env_variables"]["GCP_PROJECT_ID"]} == {"fmi-iot-dev", "fmi-iot-pprd", "fmi-iot-prd"}
+    assert set(DESCRIPTORS) == set(ENVIRONMENTS) - {"LOCAL"}
+
+
+def test_pipeline_is_valid_gitlab_ci() -> None:
+    result = subprocess.run([shutil.which("check-jsonschema") or "check-jsonschema", "--builtin-schema",
+                             "vendor.gitlab-ci", str(ROOT / "project-ci.yml")],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_pipeline_stages_gates_and_keyless_auth() -> None:
+    ci = load("project-ci.yml")
+    assert ci["stages"] == ["test", "build", "deploy"]
+    assert "make test" in ci["test"]["script"]
+    assert ci[".google-auth"]["id_tokens"]["GITLAB_OIDC_TOKEN"]["aud"].startswith("https://iam.googleapis.com/")
+    text = (ROOT / "project-ci.yml").read_text()
+    assert "GOOGLE_APPLICATION_CREDENTIALS" not in text and "key-file" not in text
+    jobs = {env: ci[f"deploy-{env}"] for env in ("dev", "pprd", "prd")}
+    assert [rule.get("when") for rule in jobs["dev"]["rules"]] == [None]
+    for env in ("pprd", "prd"):
+        assert [rule.get("when") for rule in jobs[env]["rules"]] == ["manual"]
+        assert jobs[env]["environment"]["name"] == env
+    assert jobs["pprd"]["needs"] == ["build", "deploy-dev"]
+    assert jobs["prd"]["needs"] == ["build", "deploy-pprd"]
+    assert {jobs[env]["variables"]["APP_YAML"] for env in jobs} == set(DESCRIPTORS.values())
+
+
+def test_dockerfile_is_lint_clean_and_runs_as_non_root() -> None:
+    result = subprocess.run([shutil.which("hadolint") or "hadolint", str(ROOT / "Dockerfile")],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    user = re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)
+    assert user and not user[-1].startswith(("0", "root"))
+    assert 'VOLUME ["/data"]' in dockerfile and "EXPOSE 8080" in dockerfile and "HEALTHCHECK" in dockerfile
+    assert 'CMD ["python", "-m", "fmi_bridge.launch"]' in dockerfile
+    copied = " ".join(re.findall(r"^COPY (.+)$", dockerfile, re.MULTILINE))
+    assert "requirements.txt" in copied and "fmi_bridge/" in copied and "schemas/" in copied
