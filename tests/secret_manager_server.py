@@ -22,9 +22,14 @@ class SecretManagerServer:
         self.secrets = secrets
         self.accessed: list[str] = []
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "google.cloud.secretmanager.v1.SecretManagerService",
-            {"AccessSecretVersion": unary(self.access, AccessSecretVersionRequest)}),))
+        self._server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "google.cloud.secretmanager.v1.SecretManagerService",
+                    {"AccessSecretVersion": unary(self.access, AccessSecretVersionRequest)},
+                ),
+            )
+        )
         port = self._server.add_insecure_port("127.0.0.1:0")
         self.host = f"127.0.0.1:{port}"
 

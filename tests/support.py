@@ -271,14 +271,28 @@ def readings(sites: Iterable[str], per_site: int, start: int = 0) -> list[Publis
     return [reading(site, seq) for seq in range(start, start + per_site) for site in sites]
 
 
-def publish(port: int, messages: list[Published], qos: int = 1, **connect: Any) -> None:
+def mqtt_client(username: str | None = None, password: str | None = None, tls_ca: Path | None = None) -> mqtt.Client:
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-{os.getpid()}-{time.monotonic_ns()}")
+    if username:
+        client.username_pw_set(username, password)
+    if tls_ca:
+        client.tls_set(ca_certs=str(tls_ca))
+    return client
+
+
+def publish(
+    port: int,
+    messages: list[Published],
+    qos: int = 1,
+    username: str | None = None,
+    password: str | None = None,
+    tls_ca: Path | None = None,
+) -> None:
     """Publish from one connection, so the broker sees exactly this order; returns when all are acknowledged."""
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-pub-{os.getpid()}-{time.monotonic_ns()}")
+    client = mqtt_client(username, password, tls_ca)
     client.max_inflight_messages_set(0)  # our own window below: paho's large windows are slow
     client.max_queued_messages_set(0)
-    if "username" in connect:
-        client.username_pw_set(connect["username"], connect.get("password"))
-    client.connect("127.0.0.1", port)
+    client.connect("localhost" if tls_ca else "127.0.0.1", port)
     client.loop_start()
     try:
         window = []
@@ -291,6 +305,23 @@ def publish(port: int, messages: list[Published], qos: int = 1, **connect: Any) 
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def connack(port: int, username: str | None = None, password: str | None = None, tls_ca: Path | None = None) -> str:
+    """What the broker answers to a connection attempt: a CONNACK reason, or why there was none."""
+    client = mqtt_client(username, password, tls_ca)
+    answers: list[str] = []
+    client.on_connect = lambda c, userdata, flags, reason, properties: answers.append(str(reason))
+    try:
+        client.connect("localhost" if tls_ca else "127.0.0.1", port, keepalive=5)
+    except OSError as exc:
+        return f"connection failed: {exc}"
+    deadline = time.monotonic() + 5
+    while not answers and time.monotonic() < deadline:
+        if client.loop(timeout=0.2) != mqtt.MQTT_ERR_SUCCESS:
+            break
+    client.disconnect()
+    return answers[0] if answers else "no CONNACK"
 
 
 def mosquitto_pub(port: int, topic: str, payload: bytes | str, *extra: str) -> subprocess.CompletedProcess[bytes]:

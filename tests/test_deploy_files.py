@@ -19,17 +19,45 @@ ROOT = Path(__file__).resolve().parent.parent
 DESCRIPTORS = {"DEV": "dev.yml", "PPRD": "pprd.yml", "PRD": "prd.yml"}
 
 # App Engine flexible's app.yaml: the keys it takes, and the ranges its reference gives.
-TOP_LEVEL = {"runtime", "env", "service", "service_account", "env_variables", "resources", "network",
-             "manual_scaling", "automatic_scaling", "liveness_check", "readiness_check", "beta_settings",
-             "runtime_config", "entrypoint", "build_env_variables", "endpoints_api_service", "inbound_services",
-             "skip_files"}
+TOP_LEVEL = {
+    "runtime",
+    "env",
+    "service",
+    "service_account",
+    "env_variables",
+    "resources",
+    "network",
+    "manual_scaling",
+    "automatic_scaling",
+    "liveness_check",
+    "readiness_check",
+    "beta_settings",
+    "runtime_config",
+    "entrypoint",
+    "build_env_variables",
+    "endpoints_api_service",
+    "inbound_services",
+    "skip_files",
+}
 SCALING = {"manual_scaling", "automatic_scaling"}
 NETWORK = {"name", "subnetwork_name", "instance_tag", "forwarded_ports", "session_affinity", "instance_ip_mode"}
 RESOURCES = {"cpu", "memory_gb", "disk_size_gb", "volumes"}
-LIVENESS = {"path": None, "check_interval_sec": (1, 300), "timeout_sec": (1, 300), "failure_threshold": (1, 10),
-            "success_threshold": (1, 10), "initial_delay_sec": (0, 3600)}
-READINESS = {"path": None, "check_interval_sec": (1, 300), "timeout_sec": (1, 300), "failure_threshold": (1, 10),
-             "success_threshold": (1, 10), "app_start_timeout_sec": (1, 3600)}
+LIVENESS = {
+    "path": None,
+    "check_interval_sec": (1, 300),
+    "timeout_sec": (1, 300),
+    "failure_threshold": (1, 10),
+    "success_threshold": (1, 10),
+    "initial_delay_sec": (0, 3600),
+}
+READINESS = {
+    "path": None,
+    "check_interval_sec": (1, 300),
+    "timeout_sec": (1, 300),
+    "failure_threshold": (1, 10),
+    "success_threshold": (1, 10),
+    "app_start_timeout_sec": (1, 3600),
+}
 GCE_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
@@ -52,8 +80,9 @@ def test_descriptor_follows_app_engine_flexible_rules(app_env: str) -> None:
     assert set(app) <= TOP_LEVEL, set(app) - TOP_LEVEL
     assert (app["runtime"], app["env"]) == ("custom", "flex")
     assert GCE_NAME.fullmatch(app["service"])
-    assert re.fullmatch(r"[a-z][-a-z0-9]{4,28}[a-z0-9]@[a-z][-a-z0-9]+\.iam\.gserviceaccount\.com",
-                        app["service_account"])
+    assert re.fullmatch(
+        r"[a-z][-a-z0-9]{4,28}[a-z0-9]@[a-z][-a-z0-9]+\.iam\.gserviceaccount\.com", app["service_account"]
+    )
     assert len(SCALING & set(app)) == 1 and app["manual_scaling"] == {"instances": 1}
 
     resources = app["resources"]
@@ -91,18 +120,36 @@ def test_production_is_larger_and_secured() -> None:
     for app in (pprd, prd):
         variables = app["env_variables"]
         assert variables["MQTT_PORT"] == "8883"
-        assert {"MQTT_USERNAME", "MQTT_PASSWORD_FILE_SECRET", "MQTT_TLS_CA_SECRET", "MOSQUITTO_PASSWORD_FILE_SECRET",
-                "MOSQUITTO_TLS_CERT_SECRET", "MOSQUITTO_TLS_KEY_SECRET"} <= set(variables)
+        assert {
+            "MQTT_USERNAME",
+            "MQTT_PASSWORD_FILE_SECRET",
+            "MQTT_TLS_CA_SECRET",
+            "MOSQUITTO_PASSWORD_FILE_SECRET",
+            "MOSQUITTO_TLS_CERT_SECRET",
+            "MOSQUITTO_TLS_KEY_SECRET",
+        } <= set(variables)
         assert not {"MQTT_PASSWORD", "MQTT_PASSWORD_FILE"} & set(variables)  # no secret values in the file
-    assert {dev["env_variables"]["GCP_PROJECT_ID"], pprd["env_variables"]["GCP_PROJECT_ID"],
-            prd["env_variables"]["GCP_PROJECT_ID"]} == {"fmi-iot-dev", "fmi-iot-pprd", "fmi-iot-prd"}
+    assert {
+        dev["env_variables"]["GCP_PROJECT_ID"],
+        pprd["env_variables"]["GCP_PROJECT_ID"],
+        prd["env_variables"]["GCP_PROJECT_ID"],
+    } == {"fmi-iot-dev", "fmi-iot-pprd", "fmi-iot-prd"}
     assert set(DESCRIPTORS) == set(ENVIRONMENTS) - {"LOCAL"}
 
 
 def test_pipeline_is_valid_gitlab_ci() -> None:
-    result = subprocess.run([shutil.which("check-jsonschema") or "check-jsonschema", "--builtin-schema",
-                             "vendor.gitlab-ci", str(ROOT / "project-ci.yml")],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [
+            shutil.which("check-jsonschema") or "check-jsonschema",
+            "--builtin-schema",
+            "vendor.gitlab-ci",
+            str(ROOT / "project-ci.yml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -124,8 +171,13 @@ def test_pipeline_stages_gates_and_keyless_auth() -> None:
 
 
 def test_dockerfile_is_lint_clean_and_runs_as_non_root() -> None:
-    result = subprocess.run([shutil.which("hadolint") or "hadolint", str(ROOT / "Dockerfile")],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [shutil.which("hadolint") or "hadolint", str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     dockerfile = (ROOT / "Dockerfile").read_text()
     user = re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)

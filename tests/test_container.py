@@ -1,0 +1,145 @@
+"""The container's process tree without Docker: `python -m fmi_bridge.launch` runs the shipped supervisord.conf
+with the shipped mosquitto.conf (paths pointed at a temporary folder)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT, free_port, mosquitto_pub, wait_until
+
+pytestmark = pytest.mark.slow
+
+READING = '{"site_code": "MOR", "sensor_id": "FT-1", "timestamp": "2026-11-20T08:00:00Z", "value": 3.5}'
+
+
+class Container:
+    def __init__(self, workdir: Path, **env: str) -> None:
+        self.mqtt_port, self.http_port = free_port(), free_port()
+        self.log = workdir / "supervisord.out"
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "PUBSUB_", "BIGQUERY_"))}
+        self.env = {
+            **clean,
+            "APP_ENV": "LOCAL",
+            "BRIDGE_RUN_DIR": str(workdir / "run"),
+            "MOSQUITTO_DATA_DIR": str(workdir / "mosquitto"),
+            "MOSQUITTO_PORT": str(self.mqtt_port),
+            "PORT": str(self.http_port),
+            "SPOOL_DIR": str(workdir / "spool"),
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        # A pipe, as in a container: programs that open /dev/stdout then share it instead of overwriting a file.
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fmi_bridge.launch"],
+            env=self.env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        threading.Thread(target=self._copy_output, daemon=True).start()
+
+    def _copy_output(self) -> None:
+        assert self.process.stdout is not None
+        with self.log.open("ab") as out:
+            for line in self.process.stdout:
+                out.write(line)
+                out.flush()
+
+    def ctl(self, *args: str) -> str:
+        supervisorctl = Path(sys.executable).parent / "supervisorctl"
+        env = {
+            **self.env,
+            "BRIDGE_APP_DIR": str(ROOT),
+            "BRIDGE_PYTHON": sys.executable,
+            "BRIDGE_RUN_DIR": self.env["BRIDGE_RUN_DIR"],
+        }
+        result = subprocess.run(
+            [str(supervisorctl), "-c", str(ROOT / "supervisord.conf"), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        return result.stdout.strip()
+
+    def ready(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/readiness_check", timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def container(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Container]:
+    running = Container(tmp_path, **getattr(request, "param", {}))
+    yield running
+    if running.process.poll() is None:
+        running.process.terminate()
+        try:
+            running.process.wait(40)
+        except subprocess.TimeoutExpired:
+            running.process.kill()
+
+
+def test_both_programs_run_and_a_reading_flows_through(container: Container) -> None:
+    wait_until(container.ready, 60, "readiness 200 from the subscriber under supervisord")
+    status = wait_until(lambda: (text := container.ctl("status")).count("RUNNING") == 3 and text, 20, "RUNNING")
+    assert "mosquitto" in status and "subscriber" in status and "fatal_watch" in status
+
+    assert mosquitto_pub(container.mqtt_port, "FCTS/FAE/MOR/SolvExtract/PI.FT1", READING).returncode == 0
+
+    wait_until(
+        lambda: '"message": "reading"' in container.output() and '"pi_tag": "PI.FT1"' in container.output(),
+        20,
+        "the reading in the subscriber's log on supervisord's stdout",
+    )
+
+
+def test_a_killed_subscriber_is_restarted(container: Container) -> None:
+    wait_until(container.ready, 60, "readiness")
+    first = int(container.ctl("pid", "subscriber"))
+
+    os.kill(first, signal.SIGKILL)
+
+    wait_until(lambda: container.ctl("pid", "subscriber") not in ("0", str(first), ""), 30, "a new subscriber")
+    wait_until(container.ready, 60, "readiness after the restart")
+    assert mosquitto_pub(container.mqtt_port, "FCTS/FAE/MOR/SolvExtract/PI.FT2", READING).returncode == 0
+    wait_until(lambda: '"pi_tag": "PI.FT2"' in container.output(), 20, "a reading through the new subscriber")
+
+
+@pytest.mark.parametrize("container", [{"MQTT_PORT": "not-a-port"}], indirect=True)
+def test_a_subscriber_that_cannot_start_stops_supervisord(container: Container) -> None:
+    started = time.monotonic()
+    container.process.wait(90)
+    assert time.monotonic() - started < 90
+    output = container.output()
+    assert "MQTT_PORT='not-a-port': must be an integer" in output
+    assert "gave up: subscriber entered FATAL state" in output
+    assert "program went FATAL, stopping supervisord" in output
+
+
+def test_sigterm_stops_everything_cleanly(container: Container) -> None:
+    wait_until(container.ready, 60, "readiness")
+
+    container.process.terminate()
+
+    assert container.process.wait(40) == 0
+    output = container.output()
+    assert '"message": "stopped"' in output
+    assert "stopped: subscriber (exit status 0)" in output

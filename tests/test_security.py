@@ -1,0 +1,260 @@
+"""PPRD/PRD: the broker takes only TLS clients with passwords, the ACL keeps each site to its own topics, the
+bridge connects with TLS and credentials, and secrets come from Secret Manager at start, never from the image."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fmi_bridge.broker_conf import BrokerSecurity, acl_text
+from tests.conftest import Cloud
+from tests.secret_manager_server import SecretManagerServer
+from tests.support import (
+    ROOT,
+    Bridge,
+    Broker,
+    connack,
+    expected_ids,
+    free_port,
+    publish,
+    reading,
+    wait_until,
+)
+
+BRIDGE_USER, BRIDGE_PASSWORD = "fmi-bridge", "bridge-pass-123"
+SITE_PASSWORDS = {"S1": "s1-pass", "S2": "s2-pass"}
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    cert: Path
+    key: Path
+    passwords: Path
+    acl: Path
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A throw-away CA, a broker certificate for localhost, and a password file made with mosquitto_passwd."""
+    d = tmp_path_factory.mktemp("pki")
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fmi test CA",
+        cwd=d,
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "broker.key",
+        "-out",
+        "broker.csr",
+        "-subj",
+        "/CN=localhost",
+        cwd=d,
+    )
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "broker.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "broker.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        cwd=d,
+    )
+    passwords = d / "passwords"
+    for index, (user, password) in enumerate({BRIDGE_USER: BRIDGE_PASSWORD, **SITE_PASSWORDS}.items()):
+        create = ["-c"] if index == 0 else []
+        subprocess.run(["mosquitto_passwd", *create, "-b", str(passwords), user, password], check=True, timeout=30)
+    (d / "acl").write_text(acl_text(BRIDGE_USER))
+    return Pki(d / "ca.pem", d / "broker.pem", d / "broker.key", passwords, d / "acl")
+
+
+@pytest.fixture
+def prd_broker(tmp_path: Path, pki: Pki) -> Iterator[Broker]:
+    security = BrokerSecurity(password_file=pki.passwords, acl_file=pki.acl, tls_cert=pki.cert, tls_key=pki.key)
+    broker = Broker(tmp_path / "broker", app_env="PRD", security=security).start()
+    yield broker
+    broker.kill()
+
+
+def test_prd_broker_refuses_anonymous_and_plain_tcp_clients(prd_broker: Broker, pki: Pki) -> None:
+    assert connack(prd_broker.port, tls_ca=pki.ca) == "Not authorized"
+    assert connack(prd_broker.port, BRIDGE_USER, "wrong", tls_ca=pki.ca) == "Not authorized"
+    assert connack(prd_broker.port, BRIDGE_USER, BRIDGE_PASSWORD) == "no CONNACK"  # plain TCP to a TLS port
+    assert connack(prd_broker.port, BRIDGE_USER, BRIDGE_PASSWORD, tls_ca=pki.ca) == "Success"
+
+
+def test_bridge_connects_with_tls_and_credentials_and_the_acl_keeps_sites_apart(
+    prd_broker: Broker, pki: Pki, cloud: Cloud, bridges: Callable[..., Bridge], tmp_path: Path
+) -> None:
+    password_file = tmp_path / "bridge-password"
+    password_file.write_text(BRIDGE_PASSWORD + "\n")
+    env = {
+        **cloud.env,
+        "APP_ENV": "PRD",
+        "MQTT_BROKER": "localhost",
+        "MQTT_PORT": str(prd_broker.port),
+        "MQTT_TLS_CA": str(pki.ca),
+        "MQTT_USERNAME": BRIDGE_USER,
+        "MQTT_PASSWORD_FILE": str(password_file),
+    }
+    bridge = bridges(env).start()
+    bridge.wait_ready()
+    own_s1, own_s2 = reading("S1", 1), reading("S2", 1)
+    s1_posing_as_s2 = reading("S2", 2)
+
+    publish(prd_broker.port, [s1_posing_as_s2, own_s1], username="S1", password=SITE_PASSWORDS["S1"], tls_ca=pki.ca)
+    publish(prd_broker.port, [own_s2], username="S2", password=SITE_PASSWORDS["S2"], tls_ca=pki.ca)
+
+    assert cloud.reader.wait_for(2, 30) == expected_ids([own_s1, own_s2])
+    wait_until(lambda: bridge.metric("fmi_bridge_messages_received_total") == 2, 10, "the intake count")
+    assert BRIDGE_PASSWORD not in bridge.output()
+    # The bridge itself may only read.
+    publish(prd_broker.port, [reading("S1", 3)], username=BRIDGE_USER, password=BRIDGE_PASSWORD, tls_ca=pki.ca)
+    publish(prd_broker.port, [reading("S1", 4)], username="S1", password=SITE_PASSWORDS["S1"], tls_ca=pki.ca)
+    cloud.reader.wait_for(3, 30)
+    assert expected_ids([reading("S1", 3)]) & cloud.reader.distinct_ids() == set()
+
+
+def launch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    clean = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("MQTT_", "MOSQUITTO_", "APP_ENV", "BRIDGE_", "SECRET_"))
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "fmi_bridge.launch", *args],
+        env={**clean, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_launcher_fetches_secrets_and_the_rendered_prd_broker_works(tmp_path: Path, pki: Pki) -> None:
+    project = "fmi-test"
+
+    def version(name: str) -> str:
+        return f"projects/{project}/secrets/{name}/versions/latest"
+
+    server = SecretManagerServer(
+        {
+            version("mosquitto-passwords"): pki.passwords.read_bytes(),
+            version("broker-cert"): pki.cert.read_bytes(),
+            version("broker-key"): pki.key.read_bytes(),
+            version("bridge-password"): BRIDGE_PASSWORD.encode(),
+            f"projects/{project}/secrets/broker-ca/versions/7": pki.ca.read_bytes(),
+        }
+    ).start()
+    run_dir, port = tmp_path / "run", free_port()
+    env = {
+        "APP_ENV": "PRD",
+        "GCP_PROJECT_ID": project,
+        "BRIDGE_RUN_DIR": str(run_dir),
+        "MOSQUITTO_DATA_DIR": str(tmp_path / "mq"),
+        "MOSQUITTO_PORT": str(port),
+        "MQTT_USERNAME": BRIDGE_USER,
+        "SECRET_MANAGER_EMULATOR_HOST": server.host,
+        "MOSQUITTO_PASSWORD_FILE_SECRET": "mosquitto-passwords",
+        "MOSQUITTO_TLS_CERT_SECRET": "broker-cert",
+        "MOSQUITTO_TLS_KEY_SECRET": "broker-key",
+        "MQTT_PASSWORD_FILE_SECRET": "bridge-password",
+        "MQTT_TLS_CA_SECRET": f"projects/{project}/secrets/broker-ca/versions/7",
+    }
+    try:
+        result = launch(env, "--render")
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr
+    conf = Path(result.stdout.strip())
+    text = conf.read_text()
+    secrets = run_dir / "secrets"
+    assert f"listener {port}" in text and "allow_anonymous false" in text
+    assert f"password_file {secrets / 'mosquitto_password_file'}" in text
+    assert f"keyfile {secrets / 'mosquitto_tls_key'}" in text
+    assert (secrets / "mosquitto_tls_key").read_bytes() == pki.key.read_bytes()
+    assert (secrets / "mqtt_password_file").read_text() == BRIDGE_PASSWORD
+    for path in secrets.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert BRIDGE_PASSWORD not in text and "BEGIN" not in text  # the config names files, it holds no secret
+
+    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: connack(port, BRIDGE_USER, BRIDGE_PASSWORD, tls_ca=pki.ca) == "Success", 10, "TLS login")
+        assert connack(port, tls_ca=pki.ca) == "Not authorized"
+    finally:
+        broker.kill()
+        broker.wait()
+
+
+def test_launcher_stops_on_a_missing_secret_naming_it(tmp_path: Path) -> None:
+    server = SecretManagerServer({}).start()
+    try:
+        result = launch(
+            {
+                "APP_ENV": "PRD",
+                "GCP_PROJECT_ID": "p",
+                "BRIDGE_RUN_DIR": str(tmp_path / "run"),
+                "MOSQUITTO_DATA_DIR": str(tmp_path / "mq"),
+                "SECRET_MANAGER_EMULATOR_HOST": server.host,
+                "MOSQUITTO_TLS_KEY_SECRET": "nope",
+            },
+            "--render",
+        )
+    finally:
+        server.stop()
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "MOSQUITTO_TLS_KEY_SECRET=nope" in result.stderr and "NotFound" in result.stderr
+
+
+def test_launcher_refuses_prd_without_broker_secrets(tmp_path: Path) -> None:
+    result = launch(
+        {
+            "APP_ENV": "PRD",
+            "MQTT_USERNAME": BRIDGE_USER,
+            "BRIDGE_RUN_DIR": str(tmp_path / "run"),
+            "MOSQUITTO_DATA_DIR": str(tmp_path / "mq"),
+        },
+        "--render",
+    )
+    assert result.returncode == 2
+    assert "MOSQUITTO_PASSWORD_FILE is required when APP_ENV=PRD" in result.stderr
