@@ -12,6 +12,7 @@ import pytest
 
 from fmi_bridge.config import SETTINGS, Config, ConfigError, markdown_table
 from fmi_bridge.launch import LAUNCH_SETTINGS
+from tools.readme_tables import render
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOUD = {"GCP_PROJECT_ID": "p", "PUBSUB_TOPIC": "t", "BIGQUERY_DATASET": "d", "BIGQUERY_TABLE": "readings"}
@@ -120,3 +121,4 @@ def test_readme_lists_every_variable_as_declared() -> None:
     readme = (ROOT / "README.md").read_text()
     assert markdown_table(SETTINGS) in readme
     assert markdown_table(LAUNCH_SETTINGS) in readme
+    assert render(readme) == readme, "run tools/readme_tables.py"
