@@ -21,7 +21,8 @@ TABLES: dict[str, tuple[Setting, ...]] = {"subscriber": SETTINGS, "launcher": LA
 def render(text: str) -> str:
     for name, settings in TABLES.items():
         pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", re.DOTALL)
-        text, count = pattern.subn(lambda match: match[1] + markdown_table(settings) + match[2], text)
+        table = markdown_table(settings)
+        text, count = pattern.subn(lambda match, table=table: match[1] + table + match[2], text)
         if count != 1:
             raise SystemExit(f"README.md: markers for the {name} table not found")
     return text
