@@ -17,7 +17,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fmi_bridge.config import Config
 from fmi_bridge.provision import provision
 from tests.pubsub_server import Faults, PubSubServer
-from tests.support import BigQueryEmulator, Bridge, Broker, PubSubReader
+from tests.support import (
+    BigQueryEmulator,
+    Bridge,
+    Broker,
+    Published,
+    PubSubReader,
+    bq_distinct_ids,
+    expected_ids,
+    site_sequences,
+    wait_until,
+)
 
 PROJECT = "fmi-test"
 _names = itertools.count(1)
@@ -117,3 +127,21 @@ def bridges(tmp_path: Path) -> Iterator[Callable[..., Bridge]]:
     yield make
     for bridge in made:
         bridge.stop()
+
+
+def start_bridge(bridges: Callable[..., Bridge], cloud: Cloud, broker: Broker, **env: str) -> Bridge:
+    """A bridge writing to this test's cloud, reading from this broker, ready."""
+    bridge = bridges({**cloud.env, "MQTT_PORT": str(broker.port), **env}).start()
+    bridge.wait_ready()
+    return bridge
+
+
+def assert_delivered(cloud: Cloud, messages: list[Published], timeout: float = 90) -> None:
+    """Every message reached both sinks (distinct event_id), and per site the first deliveries keep publish order."""
+    wanted = expected_ids(messages)
+    assert cloud.reader.wait_for(len(wanted), timeout) == wanted
+    wait_until(lambda: bq_distinct_ids(cloud.bq, cloud.readings_table) >= wanted, timeout, "all rows in BigQuery")
+    assert bq_distinct_ids(cloud.bq, cloud.readings_table) == wanted
+    for site, seqs in site_sequences(cloud.reader.events()).items():
+        assert seqs == sorted(seqs), f"site {site} out of order"
+        assert len(seqs) == len(set(seqs))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from tests.conftest import Cloud
+from tests.conftest import Cloud, start_bridge
 from tests.support import (
     Bridge,
     Broker,
@@ -25,8 +25,7 @@ SITES = ["S01", "S02", "S03", "S04"]
 def test_readings_of_several_sites_reach_both_sinks_in_site_order(
     broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]
 ) -> None:
-    bridge = bridges({**cloud.env, "MQTT_PORT": str(broker.port)}).start()
-    bridge.wait_ready()
+    start_bridge(bridges, cloud, broker)
     messages = readings(SITES, per_site=250)
 
     publish(broker.port, messages)
@@ -41,8 +40,7 @@ def test_readings_of_several_sites_reach_both_sinks_in_site_order(
 
 
 def test_event_fields_in_pubsub_and_bigquery(broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]) -> None:
-    bridge = bridges({**cloud.env, "MQTT_PORT": str(broker.port)}).start()
-    bridge.wait_ready()
+    start_bridge(bridges, cloud, broker)
     payload = (
         '{"site_code": "MOR", "sensor_id": "FT-101", "timestamp": "2026-11-20T08:15:30.5-07:00", '
         '"value": 42.25, "unit": "m3/h"}'

@@ -16,13 +16,12 @@ import pytest
 from google.cloud import bigquery as bq
 
 from fmi_bridge.provision import table_resource
-from tests.conftest import PROJECT, Cloud, PubSubEndpoint, make_cloud
+from tests.conftest import PROJECT, Cloud, PubSubEndpoint, assert_delivered, make_cloud, start_bridge
 from tests.pubsub_server import Faults
 from tests.support import (
     BigQueryEmulator,
     Bridge,
     Broker,
-    Published,
     bq_distinct_ids,
     bq_query,
     expected_ids,
@@ -37,23 +36,6 @@ pytestmark = pytest.mark.slow
 
 SITES = ["S1", "S2", "S3", "S4"]
 PER_SITE = 750  # 3,000 readings a test
-
-
-def assert_all_delivered(cloud: Cloud, messages: list[Published], timeout: float = 90) -> None:
-    wanted = expected_ids(messages)
-    assert cloud.reader.wait_for(len(wanted), timeout) == wanted
-    wait_until(lambda: bq_distinct_ids(cloud.bq, cloud.readings_table) >= wanted, timeout, "all rows in BigQuery")
-    assert bq_distinct_ids(cloud.bq, cloud.readings_table) == wanted
-    sequences = site_sequences(cloud.reader.events())
-    for site, seqs in sequences.items():
-        assert seqs == sorted(seqs), f"site {site} out of order"
-        assert len(seqs) == len(set(seqs))
-
-
-def start_bridge(bridges: Callable[..., Bridge], cloud: Cloud, broker: Broker, **env: str) -> Bridge:
-    bridge = bridges({**cloud.env, "MQTT_PORT": str(broker.port), **env}).start()
-    bridge.wait_ready()
-    return bridge
 
 
 def in_background(action: Callable[[], None]) -> threading.Thread:
@@ -74,7 +56,7 @@ def test_subscriber_kill_9_mid_stream_loses_nothing(
     publisher.join(60)
     bridge.start()
 
-    assert_all_delivered(cloud, messages)
+    assert_delivered(cloud, messages)
 
 
 def test_broker_graceful_restart_mid_stream_loses_nothing(
@@ -93,7 +75,7 @@ def test_broker_graceful_restart_mid_stream_loses_nothing(
     bridge.wait_ready(60)
     publish(broker.port, second)
 
-    assert_all_delivered(cloud, first + second)
+    assert_delivered(cloud, first + second)
     assert bridge.metric("fmi_bridge_mqtt_connects_total") >= 2
 
 
@@ -114,7 +96,7 @@ def test_pubsub_unavailable_for_a_while_then_back(
 
     faults.unavailable = False
 
-    assert_all_delivered(cloud, messages)
+    assert_delivered(cloud, messages)
     wait_until(lambda: bridge.metric("fmi_bridge_spool_records") == 0, 30, "an empty spool")
 
 
@@ -142,7 +124,7 @@ def test_bigquery_down_for_a_while_then_back(
 
     own_bigquery.start()
 
-    assert_all_delivered(cloud, messages)
+    assert_delivered(cloud, messages)
     cloud.reader.close()
 
 

@@ -8,37 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cloud
+from tests.conftest import Cloud, assert_delivered, start_bridge
 from tests.pubsub_server import Faults
 from tests.support import (
     Bridge,
     Broker,
     Published,
-    bq_distinct_ids,
-    expected_ids,
     publish,
     readings,
-    site_sequences,
     wait_until,
 )
 
 pytestmark = pytest.mark.slow
 
 SITES = ["S1", "S2", "S3"]
-
-
-def start_bridge(bridges: Callable[..., Bridge], cloud: Cloud, broker: Broker, **env: str) -> Bridge:
-    bridge = bridges({**cloud.env, "MQTT_PORT": str(broker.port), **env}).start()
-    bridge.wait_ready()
-    return bridge
-
-
-def delivered_everywhere(cloud: Cloud, messages: list[Published], timeout: float = 90) -> None:
-    wanted = expected_ids(messages)
-    assert cloud.reader.wait_for(len(wanted), timeout) == wanted
-    wait_until(lambda: bq_distinct_ids(cloud.bq, cloud.readings_table) == wanted, timeout, "all rows in BigQuery")
-    for site, seqs in site_sequences(cloud.reader.events()).items():
-        assert seqs == sorted(seqs), f"site {site} out of order"
 
 
 def test_a_full_spool_holds_acks_turns_unready_and_resumes_by_itself(
@@ -61,7 +44,7 @@ def test_a_full_spool_holds_acks_turns_unready_and_resumes_by_itself(
 
     faults.unavailable = False
 
-    delivered_everywhere(cloud, messages)
+    assert_delivered(cloud, messages)
     wait_until(lambda: bridge.status("/readiness_check")[0] == 200, 30, "readiness back to 200")
     assert bridge.metric("fmi_bridge_backpressure") == 0
 
@@ -81,7 +64,7 @@ def test_sigterm_flushes_within_the_bound_and_exits_0(
 
     stopped = [e for e in bridge.log_entries() if e.get("message") == "stopped"]
     assert stopped[-1]["records_kept_in_spool"] == 0
-    delivered_everywhere(cloud, messages, timeout=10)
+    assert_delivered(cloud, messages, timeout=10)
 
 
 def test_sigterm_during_an_outage_keeps_the_rest_and_a_restart_sends_it(
@@ -102,7 +85,7 @@ def test_sigterm_during_an_outage_keeps_the_rest_and_a_restart_sends_it(
     faults.unavailable = False
     bridge.start()
     bridge.wait_ready()
-    delivered_everywhere(cloud, messages)
+    assert_delivered(cloud, messages)
 
 
 def test_a_corrupt_spool_is_moved_aside_and_a_fresh_one_started(
@@ -121,7 +104,7 @@ def test_a_corrupt_spool_is_moved_aside_and_a_fresh_one_started(
     assert line["severity"] == "ERROR" and line["moved_to"] == str(moved[0])
     messages = readings(SITES, 20)
     publish(broker.port, messages)
-    delivered_everywhere(cloud, messages)
+    assert_delivered(cloud, messages)
 
 
 def test_a_flood_of_bad_messages_is_counted_but_its_log_lines_are_rate_limited(
@@ -144,7 +127,7 @@ def test_metrics_cover_intake_spool_sinks_and_connection(
     bridge = start_bridge(bridges, cloud, broker)
     messages = readings(SITES, 10)
     publish(broker.port, [*messages, Published("FCTS/FAE/S1/SolvExtract/T", b"{}")])
-    delivered_everywhere(cloud, messages)
+    assert_delivered(cloud, messages)
     wait_until(lambda: bridge.metric("fmi_bridge_spool_records") == 0, 30, "an empty spool")
 
     assert bridge.metric("fmi_bridge_messages_received_total") == 31

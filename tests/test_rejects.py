@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 
 from fmi_bridge import readings as r
-from tests.conftest import Cloud
+from tests.conftest import Cloud, start_bridge
 from tests.support import Bridge, Broker, Published, bq_query, expected_ids, publish, reading, wait_until
 
 GOOD = {"site_code": "MOR", "sensor_id": "FT-1", "timestamp": "2026-11-20T08:00:00Z", "value": 1.0}
@@ -31,8 +31,7 @@ def test_every_reject_reason_lands_in_the_rejects_table_and_good_readings_still_
     broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]
 ) -> None:
     assert set(BAD) == set(r.REASONS)
-    bridge = bridges({**cloud.env, "MQTT_PORT": str(broker.port), "MQTT_TOPIC": "FCTS/FAE/#"}).start()
-    bridge.wait_ready()
+    bridge = start_bridge(bridges, cloud, broker, MQTT_TOPIC="FCTS/FAE/#")
     good = [reading("MOR", seq) for seq in range(len(BAD) + 1)]
     mixed = [message for pair in zip(good, BAD.values(), strict=False) for message in pair] + good[len(BAD) :]
 
