@@ -11,10 +11,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 run: system-packages $(VENV)/.installed
 	APP_ENV=$${APP_ENV:-LOCAL} $(PY) -m fmi_bridge.launch
 
-## test: the whole suite against real Mosquitto, the Pub/Sub test server and the BigQuery emulator, then lint
+## test: lint, then the whole suite against real Mosquitto, the Pub/Sub test server and the BigQuery emulator
 test: setup
-	$(PY) -m pytest
 	$(MAKE) --no-print-directory lint
+	$(PY) -m pytest
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

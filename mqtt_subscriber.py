@@ -19,6 +19,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from google.api_core.exceptions import GoogleAPIError
+from google.auth.exceptions import DefaultCredentialsError
+
 from fmi_bridge import cloud
 from fmi_bridge.config import Config, ConfigError
 from fmi_bridge.health import HealthServer
@@ -52,13 +55,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.log_level)
-    if command == "check-config":
-        print(json.dumps(config.describe(), indent=2))
-        return 0
-    if command == "provision":
-        provision(config)
-        return 0
-    return run(config)
+    try:
+        return {"run": run, "check-config": check_config, "provision": provision_resources}[command](config)
+    except DefaultCredentialsError as exc:
+        print(f"configuration error: no Google credentials for APP_ENV={config.app_env}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except GoogleAPIError as exc:  # e.g. provision against an unreachable or refusing API
+        print(f"{command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAULT
+
+
+def check_config(config: Config) -> int:
+    print(json.dumps(config.describe(), indent=2))
+    return 0
+
+
+def provision_resources(config: Config) -> int:
+    provision(config)
+    return 0
 
 
 def build_sinks(config: Config) -> list[Sink]:

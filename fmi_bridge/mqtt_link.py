@@ -37,6 +37,7 @@ class MqttLink:
         self.connected = False
         self.subscribed = False
         self.generation = 0
+        self._closing = False
         self.heartbeat = time.monotonic()
         self._backoff = Backoff(initial=1.0, maximum=60.0)
         self.client = mqtt.Client(
@@ -100,6 +101,7 @@ class MqttLink:
 
     def close(self) -> None:
         """Disconnect without unsubscribing: the broker keeps the session and queues readings meanwhile."""
+        self._closing = True
         if self.connected:
             self.client.disconnect()
             for _ in range(20):  # let the DISCONNECT packet go out
@@ -139,7 +141,8 @@ class MqttLink:
         self.subscribed = False
         if was_connected:
             self.metrics.disconnects.inc()
-            log.warning("disconnected from broker", extra={"reason": str(reason)})
+            level = logging.INFO if self._closing else logging.WARNING
+            log.log(level, "disconnected from broker", extra={"reason": str(reason)})
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:

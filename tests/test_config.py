@@ -122,3 +122,18 @@ def test_readme_lists_every_variable_as_declared() -> None:
     assert markdown_table(SETTINGS) in readme
     assert markdown_table(LAUNCH_SETTINGS) in readme
     assert render(readme) == readme, "run tools/readme_tables.py"
+
+
+def test_a_cloud_environment_without_google_credentials_stops_with_one_line(tmp_path: Path) -> None:
+    result = run(
+        {
+            "APP_ENV": "DEV",
+            **CLOUD,
+            "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "missing.json"),
+            "PUBSUB_EMULATOR_HOST": "",
+            "BIGQUERY_EMULATOR_HOST": "",
+        }
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("configuration error: no Google credentials for APP_ENV=DEV")
+    assert len(result.stderr.strip().splitlines()) == 1

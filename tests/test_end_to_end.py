@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 
-from tests.conftest import Cloud, start_bridge
+import jsonschema
+
+from tests.conftest import PROJECT, Cloud, PubSubEndpoint, start_bridge
 from tests.support import (
+    ROOT,
+    BigQueryEmulator,
     Bridge,
     Broker,
     bq_distinct_ids,
@@ -58,6 +65,8 @@ def test_event_fields_in_pubsub_and_bigquery(broker: Broker, cloud: Cloud, bridg
     assert event["timestamp"] == "2026-11-20T15:15:30.500000Z"  # normalised to UTC
     assert event["mqtt_topic"] == "FCTS/FAE/MOR/SolvExtract/PI.FT101.PV"
     assert event["received_at"].endswith("Z")
+    schema = json.loads((ROOT / "schemas" / "kpi_event.schema.json").read_text())
+    jsonschema.validate(event, schema, format_checker=jsonschema.FormatChecker())
     assert message.ordering_key == "MOR"
     assert dict(message.attributes) == {"site_code": "MOR", "pi_tag": "PI.FT101.PV", "event_id": event["event_id"]}
 
@@ -67,3 +76,41 @@ def test_event_fields_in_pubsub_and_bigquery(broker: Broker, cloud: Cloud, bridg
     assert row["value"] == 42.25
     assert row["timestamp"].isoformat() == "2026-11-20T15:15:30.500000+00:00"
     assert json.loads(row["payload"])["unit"] == "m3/h"  # extra fields kept in the raw payload
+
+
+def test_provision_twice_is_harmless_and_builds_the_tables_from_the_schemas(
+    pubsub_endpoint: PubSubEndpoint, bigquery: BigQueryEmulator
+) -> None:
+    env = {
+        **os.environ,
+        "APP_ENV": "DEV",
+        "GCP_PROJECT_ID": PROJECT,
+        "PUBSUB_TOPIC": "provisioned",
+        "BIGQUERY_DATASET": "provisioned",
+        "BIGQUERY_TABLE": "readings",
+        "PUBSUB_EMULATOR_HOST": pubsub_endpoint.host,
+        "BIGQUERY_EMULATOR_HOST": bigquery.url,
+    }
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "mqtt_subscriber.py"), "provision"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+
+    client = bigquery.client()
+    readings_table = client.get_table(f"{PROJECT}.provisioned.readings")
+    expected = json.loads((ROOT / "schemas" / "bigquery_readings.json").read_text())
+    assert [field.name for field in readings_table.schema] == [f["name"] for f in expected["schema"]["fields"]]
+    assert readings_table.time_partitioning.field == "timestamp"
+    assert readings_table.clustering_fields == ["site_code", "pi_tag"]
+    rejects_table = client.get_table(f"{PROJECT}.provisioned.readings_rejected")
+    assert {"reason", "detail", "payload", "mqtt_topic", "received_at"} <= {f.name for f in rejects_table.schema}
+    from google.cloud import pubsub_v1
+
+    publisher = pubsub_v1.PublisherClient()
+    assert publisher.get_topic(topic=f"projects/{PROJECT}/topics/provisioned").name.endswith("/provisioned")
