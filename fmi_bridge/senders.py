@@ -46,9 +46,13 @@ class Sender:
 
     def _round(self) -> bool | None:
         """None when there was nothing to send, else whether anything left the spool."""
+        late = self.sink.confirmed_late()
+        if late:
+            self.spool.settle(self.sink.bit, late)
+            self.metrics.sent.labels(self.sink.name).inc(len(late))
         batch = self.sink.next_batch(self.spool)
         if not batch:
-            return None
+            return True if late else None
         started = time.monotonic()
         try:
             result = self.sink.write(batch)

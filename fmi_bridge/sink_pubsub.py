@@ -3,6 +3,7 @@
 Rules, per site:
 - A transient failure (the client retries those by itself) leaves the site's records in the spool; the site is
   not sent again until the client has settled every earlier publish, so order holds without duplicating ahead.
+  Publishes the client lands after their round stopped waiting count as confirmed and are not sent again.
 - After any failure the ordering key is resumed (`resume_publish`) and the site waits a jittered backoff.
 - INVALID_ARGUMENT on a batch sends that batch's records of the site again one at a time; a record refused
   alone `deadletter_attempts` times goes to the rejects table (reason `pubsub_rejected`) and the site moves on.
@@ -44,14 +45,26 @@ class PubSubSink:
         self._backoff: dict[str, tuple[Backoff, float]] = {}  # site -> (its backoff, not before)
         self._isolated: dict[str, int] = {}  # site -> last record id of its failed batch
         self._attempts: dict[int, int] = {}  # record id -> times refused when sent alone
-        self._unsettled: dict[str, list[Any]] = {}  # site -> publish futures still running in the client
+        # site -> (record id, publish future) still running in the client after its round timed out
+        self._unsettled: dict[str, list[tuple[int, Any]]] = {}
         self._to_resume: set[str] = set()
 
     # -- choosing what to send ---------------------------------------------------------------------------
 
+    def confirmed_late(self) -> list[int]:
+        """Publishes the client finished after their round gave up waiting: those that succeeded need no resend."""
+        confirmed: list[int] = []
+        for site, sent in list(self._unsettled.items()):
+            if not all(future.done() for _, future in sent):
+                continue
+            del self._unsettled[site]
+            confirmed += [record_id for record_id, future in sent if future.exception() is None]
+            if any(future.exception() is not None for _, future in sent):
+                self._to_resume.add(site)
+        return confirmed
+
     def next_batch(self, spool: Spool) -> list[Record]:
         now = time.monotonic()
-        self._unsettled = {site: fs for site, fs in self._unsettled.items() if not all(f.done() for f in fs)}
         for site in self._to_resume - set(self._unsettled):
             self.publisher.resume_publish(self.topic_path, site)
             self._to_resume.discard(site)
@@ -92,7 +105,7 @@ class PubSubSink:
         for record, future in sent:
             site = record.site_code or ""
             if not future.done():
-                self._unsettled.setdefault(site, []).append(future)
+                self._unsettled.setdefault(site, []).append((record.id, future))
                 result.retry.append(record.id)
                 result.error = "Pub/Sub did not confirm in time (the client keeps retrying)"
                 continue

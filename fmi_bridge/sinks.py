@@ -31,6 +31,10 @@ class Sink(Protocol):
     name: str
     bit: int
 
+    def confirmed_late(self) -> list[int]:
+        """Records confirmed after their round ended (to settle before choosing the next batch)."""
+        ...
+
     def next_batch(self, spool: Spool) -> list[Record]: ...
 
     def write(self, records: list[Record]) -> WriteResult: ...
@@ -46,6 +50,9 @@ class LogSink:
 
     def __init__(self, batch_size: int = 500) -> None:
         self.batch_size = batch_size
+
+    def confirmed_late(self) -> list[int]:
+        return []
 
     def next_batch(self, spool: Spool) -> list[Record]:
         return spool.pending(self.bit, self.batch_size)
