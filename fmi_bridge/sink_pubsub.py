@@ -100,7 +100,7 @@ class PubSubSink:
 
     def _outcome(self, sent: list[tuple[Record, Any]]) -> WriteResult:
         result = WriteResult()
-        failed_sites: dict[str, list[Record]] = {}
+        failed_sites: set[str] = set()
         ok_sites: set[str] = set()
         for record, future in sent:
             site = record.site_code or ""
@@ -116,19 +116,19 @@ class PubSubSink:
                 ok_sites.add(site)
             elif isinstance(exc, api_exceptions.InvalidArgument) and self._alone(record, sent):
                 self._refused_alone(record, exc, result)
-                failed_sites.setdefault(site, []).append(record)
+                failed_sites.add(site)
             else:
                 if isinstance(exc, api_exceptions.InvalidArgument):
                     self._isolated[site] = max(self._isolated.get(site, 0), record.id)
                 if not isinstance(exc, PublishToPausedOrderingKeyException):
                     result.error = f"{type(exc).__name__}: {exc}"
                 result.retry.append(record.id)
-                failed_sites.setdefault(site, []).append(record)
+                failed_sites.add(site)
         for site in failed_sites:
             self._to_resume.add(site)
             backoff, _ = self._backoff.get(site) or (Backoff(initial=0.5, maximum=10.0), 0.0)
             self._backoff[site] = (backoff, time.monotonic() + backoff.next_delay())
-        for site in ok_sites - set(failed_sites):
+        for site in ok_sites - failed_sites:
             self._backoff.pop(site, None)
         return result
 
