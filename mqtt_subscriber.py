@@ -139,9 +139,23 @@ def run(config: Config) -> int:
     intake = Intake(spool, metrics, ack=link.ack, committed=lambda: [sender.wakeup.set() for sender in senders])
     link.deliver = intake.offer
 
+    stopping = _on_sigterm()
+    failed: list[str] = []  # loops that died: the process then stops and exits non-zero, for Supervisor to restart
+
+    def guarded(name: str, loop: Callable[[threading.Event], None], stop: threading.Event) -> threading.Thread:
+        def body() -> None:
+            try:
+                loop(stop)
+            except Exception:  # thread boundary: a dead loop must not leave a half-working bridge
+                log.exception("loop failed; stopping so the process is restarted", extra={"loop": name})
+                failed.append(name)
+                stopping.set()
+
+        return threading.Thread(target=body, name=name, daemon=True)
+
     stop_intake, stop_link, stop_senders = threading.Event(), threading.Event(), threading.Event()
-    threads = [_thread("intake", intake.run, stop_intake), _thread("mqtt", link.run, stop_link)]
-    threads += [_thread(f"sender-{sender.sink.name}", sender.run, stop_senders) for sender in senders]
+    threads = [guarded("intake", intake.run, stop_intake), guarded("mqtt", link.run, stop_link)]
+    threads += [guarded(f"sender-{sender.sink.name}", sender.run, stop_senders) for sender in senders]
     loops: list[Any] = [intake, link, *senders]
 
     def liveness() -> str | None:
@@ -162,7 +176,6 @@ def run(config: Config) -> int:
         return None if spool.writable() else "spool is not writable"
 
     health = HealthServer(config.port, liveness=liveness, readiness=readiness, metrics=metrics)
-    stopping = _on_sigterm()
     health.start()
     for thread in threads:
         thread.start()
@@ -186,9 +199,9 @@ def run(config: Config) -> int:
     for sink in sinks:
         _bounded(sink.close, seconds=3)
     left = spool.stats()
-    log.info("stopped", extra={"records_kept_in_spool": left.records})
+    log.info("stopped", extra={"records_kept_in_spool": left.records, "failed_loops": failed})
     health.stop()
-    return 0
+    return EXIT_FAULT if failed else 0
 
 
 def _flush(senders: list[Sender], seconds: float) -> None:
@@ -197,10 +210,6 @@ def _flush(senders: list[Sender], seconds: float) -> None:
         for sender in senders:
             sender.wakeup.set()
         time.sleep(0.1)
-
-
-def _thread(name: str, target: Callable[[threading.Event], None], stop: threading.Event) -> threading.Thread:
-    return threading.Thread(target=target, args=(stop,), name=name, daemon=True)
 
 
 def _bounded(action: Callable[[], None], seconds: float) -> None:
