@@ -114,3 +114,16 @@ def test_provision_twice_is_harmless_and_builds_the_tables_from_the_schemas(
 
     publisher = pubsub_v1.PublisherClient()
     assert publisher.get_topic(topic=f"projects/{PROJECT}/topics/provisioned").name.endswith("/provisioned")
+
+
+def test_a_list_of_filters_shards_sites_across_bridges(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]
+) -> None:
+    """MQTT_TOPIC takes comma-separated filters: this bridge serves S01 and S02 only; S03 is another bridge's."""
+    bridge = start_bridge(bridges, cloud, broker, MQTT_TOPIC="FCTS/FAE/S01/SolvExtract/+, FCTS/FAE/S02/SolvExtract/+")
+    mine, other = readings(["S01", "S02"], per_site=20), readings(["S03"], per_site=20)
+
+    publish(broker.port, other + mine)
+
+    assert cloud.reader.wait_for(len(mine), timeout=30) == expected_ids(mine)
+    wait_until(lambda: bridge.metric("fmi_bridge_messages_received_total") == len(mine), 10, "the intake count")
