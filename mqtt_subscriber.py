@@ -136,7 +136,12 @@ def run(config: Config) -> int:
 
     senders = [Sender(sink, spool, metrics) for sink in sinks]
     link = MqttLink(config, metrics)
-    intake = Intake(spool, metrics, ack=link.ack, committed=lambda: [sender.wakeup.set() for sender in senders])
+
+    def wake_senders() -> None:
+        for sender in senders:
+            sender.wakeup.set()
+
+    intake = Intake(spool, metrics, ack=link.ack, committed=wake_senders)
     link.deliver = intake.offer
 
     stopping = _on_sigterm()

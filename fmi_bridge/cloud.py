@@ -7,7 +7,7 @@ from typing import Any
 from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry, if_exception_type
 from google.auth.credentials import AnonymousCredentials
-from google.cloud import bigquery, pubsub_v1
+from google.cloud import bigquery, pubsub_v1  # type: ignore[attr-defined]  # mypy cannot see pubsub_v1
 
 from fmi_bridge.config import Config
 
@@ -42,7 +42,7 @@ def bigquery_client(config: Config) -> Any:
     if config.bigquery_emulator_host:
         return bigquery.Client(
             project=config.gcp_project_id,
-            credentials=AnonymousCredentials(),
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
             client_options={"api_endpoint": config.bigquery_emulator_host},
         )
     return bigquery.Client(project=config.gcp_project_id)

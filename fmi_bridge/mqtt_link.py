@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -41,7 +42,7 @@ class MqttLink:
         self.heartbeat = time.monotonic()
         self._backoff = Backoff(initial=1.0, maximum=60.0)
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=config.mqtt_client_id,
             protocol=mqtt.MQTTv5,
             manual_ack=True,
@@ -94,7 +95,7 @@ class MqttLink:
         self.heartbeat = time.monotonic()
 
     def _connect_properties(self) -> Properties:
-        properties = Properties(PacketTypes.CONNECT)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it untyped
         properties.SessionExpiryInterval = self.config.mqtt_session_expiry
         properties.ReceiveMaximum = self.config.mqtt_receive_maximum
         return properties
@@ -149,7 +150,9 @@ class MqttLink:
             topic = message.topic
         except UnicodeDecodeError:
             topic = message._topic.decode("utf-8", "backslashreplace")  # validation rejects it as bad_topic
-        self.deliver(Inbound(topic, message.payload, datetime.now(UTC), message.qos, message.mid, self.generation))
+        self.deliver(
+            Inbound(topic, bytes(message.payload), datetime.now(UTC), message.qos, message.mid, self.generation)
+        )
 
     # -- acknowledgement (the intake's thread) --------------------------------------------------------------
 

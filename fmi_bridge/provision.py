@@ -19,7 +19,7 @@ SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 
 
 def table_resource(config: Config, table: str, schema_file: str) -> dict[str, Any]:
-    resource = json.loads((SCHEMAS / schema_file).read_text())
+    resource: dict[str, Any] = json.loads((SCHEMAS / schema_file).read_text())
     resource["tableReference"] = {
         "projectId": config.gcp_project_id,
         "datasetId": config.bigquery_dataset,
