@@ -44,6 +44,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MIN_SPOOL_BYTES = 1024**2
+
+
+def _spool_bytes(text: str) -> int:
+    # One record can take about 330 KB (a 64 KiB non-UTF-8 payload, escaped): a smaller spool could never take it.
+    value = _int(text)
+    if value < MIN_SPOOL_BYTES:
+        raise ValueError(f"must be at least {MIN_SPOOL_BYTES} bytes")
+    return value
+
+
 def _port(text: str) -> int:
     value = _int(text)
     if not 0 < value < 65536:
@@ -151,7 +162,7 @@ SETTINGS: tuple[Setting, ...] = (
         "SPOOL_MAX_BYTES",
         "Most record bytes the spool holds; when full, new MQTT messages are left un-acknowledged with the broker.",
         str(3 * 1024**3),
-        _positive_int,
+        _spool_bytes,
     ),
     Setting(
         "SPOOL_MIN_FREE_BYTES",

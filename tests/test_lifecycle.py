@@ -27,10 +27,10 @@ SITES = ["S1", "S2", "S3"]
 def test_a_full_spool_holds_acks_turns_unready_and_resumes_by_itself(
     broker: Broker, cloud: Cloud, faults: Faults, bridges: Callable[..., Bridge]
 ) -> None:
-    limit = 250_000  # about 500 readings
+    limit = 1024**2  # the smallest allowed: about 2,400 readings
     bridge = start_bridge(bridges, cloud, broker, SPOOL_MAX_BYTES=str(limit))
     faults.unavailable = True  # Pub/Sub down: the spool cannot drain
-    messages = readings(SITES, 700)
+    messages = readings(SITES, 1200)
 
     publish(broker.port, messages)
 
