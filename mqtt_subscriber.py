@@ -40,14 +40,14 @@ log = logging.getLogger("fmi_bridge")
 
 EXIT_CONFIG = 2
 EXIT_FAULT = 1
-COMMANDS = ("run", "check-config", "provision")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     command = args[0] if args else "run"
-    if command not in COMMANDS or len(args) > 1:
-        print(f"usage: mqtt_subscriber.py [{' | '.join(COMMANDS)}]", file=sys.stderr)
+    commands = {"run": run, "check-config": check_config, "provision": provision_resources}
+    if command not in commands or len(args) > 1:
+        print(f"usage: mqtt_subscriber.py [{' | '.join(commands)}]", file=sys.stderr)
         return EXIT_CONFIG
     try:
         config = Config.from_env()
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     setup_logging(config.log_level)
     try:
-        return {"run": run, "check-config": check_config, "provision": provision_resources}[command](config)
+        return commands[command](config)
     except DefaultCredentialsError as exc:
         print(f"configuration error: no Google credentials for APP_ENV={config.app_env}: {exc}", file=sys.stderr)
         return EXIT_CONFIG

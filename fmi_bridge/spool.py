@@ -129,6 +129,7 @@ class Spool:
         self._records, self._bytes = count, size
 
     def _connection(self, synchronous: str = "NORMAL") -> sqlite3.Connection:
+        """This thread's connection; the first call in a thread sets its durability for good."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)

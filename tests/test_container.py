@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, free_port, mosquitto_pub, wait_until
+from tests.support import ROOT, free_port, http_get, mosquitto_pub, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -73,13 +73,7 @@ class Container:
         return result.stdout.strip()
 
     def ready(self) -> bool:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/readiness_check", timeout=2) as answer:
-                return answer.status == 200
-        except OSError:
-            return False
+        return http_get(self.http_port, "/readiness_check")[0] == 200
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

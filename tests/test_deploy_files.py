@@ -42,22 +42,15 @@ TOP_LEVEL = {
 SCALING = {"manual_scaling", "automatic_scaling"}
 NETWORK = {"name", "subnetwork_name", "instance_tag", "forwarded_ports", "session_affinity", "instance_ip_mode"}
 RESOURCES = {"cpu", "memory_gb", "disk_size_gb", "volumes"}
-LIVENESS = {
+HEALTH_CHECK: dict[str, tuple[int, int] | None] = {
     "path": None,
     "check_interval_sec": (1, 300),
     "timeout_sec": (1, 300),
     "failure_threshold": (1, 10),
     "success_threshold": (1, 10),
-    "initial_delay_sec": (0, 3600),
 }
-READINESS = {
-    "path": None,
-    "check_interval_sec": (1, 300),
-    "timeout_sec": (1, 300),
-    "failure_threshold": (1, 10),
-    "success_threshold": (1, 10),
-    "app_start_timeout_sec": (1, 3600),
-}
+LIVENESS = {**HEALTH_CHECK, "initial_delay_sec": (0, 3600)}
+READINESS = {**HEALTH_CHECK, "app_start_timeout_sec": (1, 3600)}
 GCE_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
