@@ -25,6 +25,7 @@ from google.auth.exceptions import DefaultCredentialsError
 from fmi_bridge import cloud
 from fmi_bridge.config import Config, ConfigError
 from fmi_bridge.health import HealthServer
+from fmi_bridge.inbox import Inbox
 from fmi_bridge.intake import Intake
 from fmi_bridge.logs import setup_logging
 from fmi_bridge.metrics import Metrics
@@ -135,14 +136,14 @@ def run(config: Config) -> int:
     metrics.watch_spool(spool.stats)
 
     senders = [Sender(sink, spool, metrics) for sink in sinks]
-    link = MqttLink(config, metrics)
+    inbox = Inbox()
+    link = MqttLink(config, metrics, inbox)
 
     def wake_senders() -> None:
         for sender in senders:
             sender.wakeup.set()
 
-    intake = Intake(spool, metrics, ack=link.ack, committed=wake_senders)
-    link.deliver = intake.offer
+    intake = Intake(spool, metrics, inbox, ack=link.ack_later, committed=wake_senders)
 
     stopping = _on_sigterm()
     failed: list[str] = []  # loops that died: the process then stops and exits non-zero, for Supervisor to restart
@@ -191,12 +192,11 @@ def run(config: Config) -> int:
         "stopping: no new messages are taken; flushing the spool",
         extra={"flush_seconds": config.shutdown_flush_seconds},
     )
-    intake.accepting = False
+    link.reading = False  # the broker keeps what was not read yet
     stop_intake.set()
-    threads[0].join(timeout=5)  # spool what was already received, and acknowledge it
+    threads[0].join(timeout=5)  # spool what was already received, and hand over its acknowledgements
     stop_link.set()
-    threads[1].join(timeout=5)
-    link.close()
+    threads[1].join(timeout=5)  # the link sends them, then disconnects
     _flush(senders, config.shutdown_flush_seconds)
     stop_senders.set()
     for thread in threads[2:]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,11 +79,43 @@ def _environment(text: str) -> str:
     return text
 
 
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _int(text)
+        if not low <= value <= high:
+            raise ValueError(f"must be from {low} to {high}")
+        return value
+
+    return parse
+
+
+MAX_TOPIC_BYTES = 65535  # an MQTT UTF-8 string
+
+
+def _topic_filter(text: str) -> str:
+    """MQTT's rules for one filter: `#` only as the whole last level, `+` only as a whole level, and a shared
+    subscription `$share/<group>/<filter>` with a group name free of `/`, `+` and `#`."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES or "\0" in text:
+        raise ValueError(f"filter {text[:64]!r} is too long or holds a NUL character")
+    filter_text = text
+    if text.startswith("$share/"):
+        _, group, filter_text = [*text.split("/", 2), "", ""][:3]
+        if not group or "+" in group or "#" in group or not filter_text:
+            raise ValueError(f"filter {text!r}: a shared subscription is $share/<group>/<filter>")
+    levels = filter_text.split("/")
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            raise ValueError(f"filter {text!r}: '#' must be a whole level and the last one")
+        if "+" in level and level != "+":
+            raise ValueError(f"filter {text!r}: '+' must be a whole level")
+    return text
+
+
 def _topic_filters(text: str) -> tuple[str, ...]:
     filters = tuple(part.strip() for part in text.split(","))
     if not all(filters):
         raise ValueError("must be a comma-separated list of non-empty topic filters")
-    return filters
+    return tuple(_topic_filter(part) for part in filters)
 
 
 def _host_port(text: str) -> str:
@@ -109,7 +142,19 @@ def _readable_file(text: str) -> Path:
     path = Path(text)
     if not path.is_file():
         raise ValueError(f"file {text} does not exist")
+    try:
+        with path.open("rb") as file:
+            file.read(1)
+    except OSError as exc:
+        raise ValueError(f"file {text} cannot be read: {exc.strerror}") from None
     return path
+
+
+def _text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"file {path} cannot be read as UTF-8 text: {exc}") from None
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -137,18 +182,18 @@ SETTINGS: tuple[Setting, ...] = (
         "Client id of the persistent session; stable across restarts, unique per instance; "
         "default `fmi-mqtt-bridge-<app_env>`.",
     ),
-    Setting("MQTT_KEEPALIVE", "MQTT keep-alive, seconds.", "30", _positive_int),
+    Setting("MQTT_KEEPALIVE", "MQTT keep-alive, seconds (1 to 65535).", "30", _int_between(1, 65535)),
     Setting(
         "MQTT_SESSION_EXPIRY",
-        "Seconds the broker keeps the session (and queues readings) while the bridge is away.",
+        "Seconds the broker keeps the session (and queues readings) while the bridge is away (0 to 4294967295).",
         "604800",
-        _positive_int,
+        _int_between(0, 2**32 - 1),
     ),
     Setting(
         "MQTT_RECEIVE_MAXIMUM",
-        "Un-acknowledged QoS 1 messages the broker may have in flight to the bridge.",
+        "Un-acknowledged QoS 1 messages the broker may have in flight to the bridge (1 to 65535).",
         "1000",
-        _positive_int,
+        _int_between(1, 65535),
     ),
     Setting("MQTT_USERNAME", "MQTT user name (required in PRD)."),
     Setting("MQTT_PASSWORD", "MQTT password (required in PRD unless MQTT_PASSWORD_FILE is set).", secret=True),
@@ -260,7 +305,10 @@ class Config:
         if values["bigquery_rejects_table"] is None and values["bigquery_table"]:
             values["bigquery_rejects_table"] = f"{values['bigquery_table']}_rejected"
         if values["mqtt_password_file"] is not None:
-            values["mqtt_password"] = values["mqtt_password_file"].read_text().strip()
+            try:
+                values["mqtt_password"] = _text_file(values["mqtt_password_file"])
+            except ValueError as exc:
+                raise ConfigError(f"MQTT_PASSWORD_FILE: {exc}") from None
         config = cls(**values)
         config._check_consistency()
         return config
@@ -292,6 +340,7 @@ class Config:
                 raise ConfigError(f"{name} is required when APP_ENV={self.app_env} writes to the cloud")
         if (self.mqtt_tls_cert is None) != (self.mqtt_tls_key is None):
             raise ConfigError("MQTT_TLS_CERT and MQTT_TLS_KEY must be set together")
+        self._check_tls_files()
         if self.mqtt_password and not self.mqtt_username:
             raise ConfigError("MQTT_USERNAME is required when a password is set")
         if self.app_env == "PRD":
@@ -299,6 +348,23 @@ class Config:
                 raise ConfigError("MQTT_TLS_CA is required in PRD: the broker connection must use TLS")
             if not (self.mqtt_username and self.mqtt_password):
                 raise ConfigError("MQTT_USERNAME and MQTT_PASSWORD (or MQTT_PASSWORD_FILE) are required in PRD")
+
+    def _check_tls_files(self) -> None:
+        """Load them as the MQTT link will, so a wrong file stops start-up here, not in a restart loop."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.mqtt_tls_ca is not None:
+            try:
+                context.load_verify_locations(cafile=str(self.mqtt_tls_ca))
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise ConfigError(f"MQTT_TLS_CA={self.mqtt_tls_ca}: not a PEM CA certificate ({exc})") from None
+        if self.mqtt_tls_cert is not None and self.mqtt_tls_key is not None:
+            try:
+                context.load_cert_chain(str(self.mqtt_tls_cert), str(self.mqtt_tls_key))
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"MQTT_TLS_CERT={self.mqtt_tls_cert}, MQTT_TLS_KEY={self.mqtt_tls_key}: "
+                    f"not a matching PEM certificate and key ({exc})"
+                ) from None
 
     def describe(self) -> dict[str, Any]:
         """The effective configuration, secrets masked, for check-config and the start-up log."""

@@ -17,8 +17,11 @@ KPI_FIELDS = ("event_id", "site_code", "pi_tag", "sensor_id", "value", "timestam
 
 
 def rfc3339(moment: datetime) -> str:
-    """UTC with microseconds and a Z, the form BigQuery and most consumers parse without help."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC with microseconds and a Z, the form BigQuery and most consumers parse without help.
+
+    isoformat, not strftime: glibc's %Y writes year 999 as "999", which is not RFC 3339.
+    """
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def reading_row(reading: Reading) -> dict[str, Any]:
@@ -36,15 +39,21 @@ def reading_row(reading: Reading) -> dict[str, Any]:
 
 
 def reject_row(reject: Reject) -> dict[str, Any]:
+    """Always encodable: whatever a rejected message carried, its reject row must reach the spool."""
     return {
         "reject_id": reject_id_for(reject),
         "received_at": rfc3339(reject.received_at),
-        "mqtt_topic": reject.mqtt_topic,
-        "payload": reject.payload,
+        "mqtt_topic": _encodable(reject.mqtt_topic),
+        "payload": _encodable(reject.payload),
         "reason": reject.reason,
-        "detail": reject.detail,
+        "detail": _encodable(reject.detail),
         "event_id": reject.event_id,
     }
+
+
+def _encodable(text: str) -> str:
+    """Lone surrogates written as \\udXXX escapes, so the text encodes as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def reject_id_for(reject: Reject) -> str:

@@ -1,22 +1,23 @@
-"""From MQTT callback to spool: validate, group-commit, then acknowledge to the broker.
+"""From the inbox to the spool: validate, group-commit, then hand the acknowledgements to the MQTT link.
 
-The paho callback only enqueues (never blocks); this worker commits each group in one transaction and sends
-the PUBACKs after the commit, so the broker keeps every message the spool does not hold yet.
+The paho callback only puts into the bounded inbox; this worker commits each group in one transaction and only
+then passes the messages back for their PUBACKs (sent by the link's own thread), so the broker keeps every
+message the spool does not hold yet. Whatever one message does, it ends as a reading or a reject.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
 
 from fmi_bridge.events import reading_row, reject_row
+from fmi_bridge.inbox import Inbox
 from fmi_bridge.logs import RateLimiter
 from fmi_bridge.metrics import Metrics
-from fmi_bridge.readings import Inbound, Reject, validate
-from fmi_bridge.spool import READING, REJECT, Entry, Spool, SpoolError, SpoolFullError
+from fmi_bridge.readings import UNPROCESSABLE, Inbound, Reading, Reject, payload_text, validate
+from fmi_bridge.spool import READING, REJECT, Entry, Spool, SpoolError, SpoolFullError, entry
 
 log = logging.getLogger(__name__)
 
@@ -26,63 +27,64 @@ RETRY_SECONDS = 1.0
 
 class Intake:
     def __init__(
-        self, spool: Spool, metrics: Metrics, ack: Callable[[Inbound], None], committed: Callable[[], None]
+        self,
+        spool: Spool,
+        metrics: Metrics,
+        inbox: Inbox,
+        *,
+        ack: Callable[[list[Inbound]], None],
+        committed: Callable[[], None],
+        validator: Callable[[Inbound], Reading | Reject] = validate,
     ) -> None:
         self.spool = spool
+        self._validate = validator
         self.metrics = metrics
+        self.inbox = inbox
         self._ack = ack
         self._committed = committed
-        self._queue: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
         self._reject_log = RateLimiter()
-        self.accepting = True
         self.full_reason: str | None = None
         self.heartbeat = time.monotonic()
 
-    def offer(self, message: Inbound) -> None:
-        """Called on paho's thread. Once stopping, a message is left un-acknowledged: the broker keeps it."""
-        if self.accepting:
-            self._queue.put(message)
-
     def run(self, stop: threading.Event) -> None:
+        """Until `stop` is set and the inbox is empty (the link stops reading first, so it empties)."""
         while True:
             self.heartbeat = time.monotonic()
-            group = self._take()
+            group = self.inbox.take(GROUP_MAX, timeout=0.2)
             if not group:
                 if stop.is_set():
                     return
                 continue
-            entries = [self._entry(message) for message in group]
+            entries = [self.to_entry(message) for message in group]
             while group:
                 committed = self._commit(entries)
-                for message in group[:committed]:
-                    self._ack(message)
                 if committed:
+                    self._ack(group[:committed])
                     self._committed()
                 group, entries = group[committed:], entries[committed:]
                 if group and stop.wait(RETRY_SECONDS):
                     return  # not acknowledged: the broker redelivers these to the next session
                 self.heartbeat = time.monotonic()
 
-    def _take(self) -> list[Inbound]:
-        try:
-            group = [self._queue.get(timeout=0.2)]
-        except queue.Empty:
-            return []
-        while len(group) < GROUP_MAX:
-            try:
-                group.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return group
-
-    def _entry(self, message: Inbound) -> Entry:
+    def to_entry(self, message: Inbound) -> Entry:
+        """The message as a spool entry: a reading, or a reject with a reason. Never raises."""
         self.metrics.received.inc()
-        outcome = validate(message)
-        if isinstance(outcome, Reject):
-            self._count_reject(outcome)
-            return Entry(REJECT, None, reject_row(outcome))
-        self.metrics.accepted.inc()
-        return Entry(READING, outcome.site_code, reading_row(outcome))
+        try:
+            outcome = self._validate(message)
+            if not isinstance(outcome, Reject):
+                accepted = entry(READING, outcome.site_code, reading_row(outcome))
+                self.metrics.accepted.inc()
+                return accepted
+        except Exception as exc:  # one message boundary: whatever it does, it becomes a reject, never a dead intake
+            outcome = Reject(
+                UNPROCESSABLE,
+                f"{type(exc).__name__}: {exc}"[:500],
+                message.topic,
+                payload_text(message.payload),
+                message.received_at,
+            )
+        self._count_reject(outcome)
+        return entry(REJECT, None, reject_row(outcome))
 
     def _count_reject(self, reject: Reject) -> None:
         self.metrics.rejected.labels(reject.reason).inc()

@@ -52,6 +52,9 @@ class Metrics:
             "fmi_bridge_sink_send_seconds", "Time of one send to a sink", ["sink"], buckets=_SEND_BUCKETS, registry=r
         )
         self.connects = Counter("fmi_bridge_mqtt_connects", "Successful MQTT connections", registry=r)
+        self.retained = Counter(
+            "fmi_bridge_mqtt_retained", "Retained messages the broker sent (only on a new subscription)", registry=r
+        )
         self.disconnects = Counter("fmi_bridge_mqtt_disconnects", "MQTT connections lost or closed", registry=r)
         self.acks_withheld = Counter(
             "fmi_bridge_acks_withheld", "Messages left un-acknowledged because the spool had no room", registry=r

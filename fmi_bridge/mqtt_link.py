@@ -1,16 +1,23 @@
 """The broker connection: persistent MQTT 5 session, QoS 1, manual acknowledgement, jittered reconnects.
 
+One thread owns the connection: it connects, reads, writes and sends every PUBACK (the intake hands them over;
+paho's manual loop is not safe with two writers, and an SSL socket must not be used from two threads). It reads
+only while the inbox has room, so a flood, QoS 0 included, waits in TCP buffers and the broker, not in memory.
+
 paho's own reconnect is switched off: this loop reconnects with jittered exponential backoff, so a fleet of
 restarted bridges does not hammer a recovering broker in step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import select
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,23 +29,34 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fmi_bridge.backoff import Backoff
 from fmi_bridge.config import Config
+from fmi_bridge.inbox import Inbox
 from fmi_bridge.metrics import Metrics
 from fmi_bridge.readings import Inbound
 
 log = logging.getLogger(__name__)
 
 QOS = 1
+# Retained readings only when the subscription is new: a resumed session must not get them again on every
+# reconnect (a new session gets the broker's last retained reading once; its event_id is unchanged).
+RETAIN_HANDLING = SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
+FULL_INBOX_POLL_SECONDS = 0.05
 
 
 class MqttLink:
-    def __init__(self, config: Config, metrics: Metrics) -> None:
+    def __init__(self, config: Config, metrics: Metrics, inbox: Inbox) -> None:
         self.config = config
         self.metrics = metrics
-        self.deliver: Callable[[Inbound], None] = lambda message: None  # set to the intake before connecting
+        self.inbox = inbox
+        inbox.on_room = self.wake
         self.connected = False
         self.subscribed = False
+        self.reading = True  # cleared at shutdown: the broker keeps what was not read
         self.generation = 0
         self._closing = False
+        self._acks: deque[Inbound] = deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self.heartbeat = time.monotonic()
         self._backoff = Backoff(initial=1.0, maximum=60.0)
         self.client = mqtt.Client(
@@ -66,6 +84,7 @@ class MqttLink:
     # -- the connection loop (its own thread) ---------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
+        """Until `stop`; then the acknowledgements handed over so far are sent and the session is left open."""
         while not stop.is_set():
             self.heartbeat = time.monotonic()
             try:
@@ -88,11 +107,40 @@ class MqttLink:
                 )
                 stop.wait(delay)
                 continue
-            while not stop.is_set() and self.client.loop(timeout=1.0) == mqtt.MQTT_ERR_SUCCESS:
+            while not stop.is_set() and self._pump(timeout=1.0) == mqtt.MQTT_ERR_SUCCESS:
                 self.heartbeat = time.monotonic()
             if not stop.is_set():
                 stop.wait(self._backoff.next_delay())
+        self._close()
         self.heartbeat = time.monotonic()
+
+    def _pump(self, timeout: float) -> int:
+        """One turn of the network loop, as paho's loop() but reading only while the inbox has room."""
+        self._send_acks()
+        sock = self.client.socket()
+        if sock is None:
+            return int(mqtt.MQTT_ERR_NO_CONN)
+        room = self.reading and self.inbox.has_room()
+        buffered = sock.pending() if room and isinstance(sock, ssl.SSLSocket) else 0
+        if not room:
+            timeout = min(timeout, FULL_INBOX_POLL_SECONDS)
+        readable, writable, _ = select.select(
+            [self._wake_r, sock] if room else [self._wake_r],
+            [sock] if self.client.want_write() else [],
+            [],
+            0.0 if buffered else timeout,
+        )
+        if self._wake_r in readable:
+            self._drain_wakeups()
+        if sock in readable or buffered:
+            rc = self.client.loop_read()
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                return int(rc)
+        if writable or self.client.want_write():
+            rc = self.client.loop_write()
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                return int(rc)
+        return int(self.client.loop_misc())
 
     def _connect_properties(self) -> Properties:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it untyped
@@ -100,13 +148,16 @@ class MqttLink:
         properties.ReceiveMaximum = self.config.mqtt_receive_maximum
         return properties
 
-    def close(self) -> None:
-        """Disconnect without unsubscribing: the broker keeps the session and queues readings meanwhile."""
+    def _close(self) -> None:
+        """Send what was acknowledged, then disconnect without unsubscribing: the broker keeps the session and
+        queues readings meanwhile."""
         self._closing = True
+        self.reading = False
         if self.connected:
+            self._send_acks()
             self.client.disconnect()
-            for _ in range(20):  # let the DISCONNECT packet go out
-                if self.client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+            for _ in range(20):  # let the PUBACKs and the DISCONNECT packet go out
+                if self._pump(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
                     break
 
     # -- callbacks (paho's thread) --------------------------------------------------------------------------
@@ -124,7 +175,8 @@ class MqttLink:
             extra={"session_present": bool(flags.session_present), "client_id": self.config.mqtt_client_id},
         )
         # Subscribe on every connect: cheap, and right even if the broker lost the session.
-        client.subscribe([(topic, SubscribeOptions(qos=QOS)) for topic in self.config.mqtt_topic])
+        options = SubscribeOptions(qos=QOS, retainHandling=RETAIN_HANDLING)
+        client.subscribe([(topic, options) for topic in self.config.mqtt_topic])
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any], properties: Any) -> None:
         refused = [str(reason) for reason in reasons if reason.is_failure]
@@ -150,13 +202,32 @@ class MqttLink:
             topic = message.topic
         except UnicodeDecodeError:
             topic = message._topic.decode("utf-8", "backslashreplace")  # validation rejects it as bad_topic
-        self.deliver(
+        if message.retain:
+            self.metrics.retained.inc()
+        self.inbox.put(
             Inbound(topic, bytes(message.payload), datetime.now(UTC), message.qos, message.mid, self.generation)
         )
 
-    # -- acknowledgement (the intake's thread) --------------------------------------------------------------
+    # -- acknowledgement: handed over by the intake, sent by this link's thread -----------------------------
 
-    def ack(self, message: Inbound) -> None:
-        """PUBACK after the spool commit; a message from an earlier connection is redelivered, not acked."""
-        if message.qos > 0 and message.generation == self.generation and self.connected:
-            self.client.ack(message.mid, message.qos)
+    def ack_later(self, messages: list[Inbound]) -> None:
+        """Called by the intake after the spool commit; the link's thread sends the PUBACKs."""
+        self._acks.extend(message for message in messages if message.qos > 0)
+        self.wake()
+
+    def wake(self) -> None:
+        """Break the link's select() early (acks to send, or room in the inbox again)."""
+        with contextlib.suppress(OSError):  # already awake (buffer full), or shutting down: the loop comes round
+            self._wake_w.send(b"\0")
+
+    def _drain_wakeups(self) -> None:
+        with contextlib.suppress(OSError):  # BlockingIOError: nothing left to read
+            while self._wake_r.recv(4096):
+                pass
+
+    def _send_acks(self) -> None:
+        """A message from an earlier connection is redelivered by the broker, so it is not acked here."""
+        while self._acks:
+            message = self._acks.popleft()
+            if message.generation == self.generation and self.connected:
+                self.client.ack(message.mid, message.qos)

@@ -25,6 +25,7 @@ SITE_MISMATCH = "site_mismatch"
 BAD_SENSOR_ID = "bad_sensor_id"
 BAD_TIMESTAMP = "bad_timestamp"
 BAD_VALUE = "bad_value"
+UNPROCESSABLE = "unprocessable"  # passed validation, yet turning it into a record failed: kept, never fatal
 REASONS = (
     BAD_TOPIC,
     PAYLOAD_TOO_LARGE,
@@ -37,10 +38,12 @@ REASONS = (
     BAD_SENSOR_ID,
     BAD_TIMESTAMP,
     BAD_VALUE,
+    UNPROCESSABLE,
 )
 REQUIRED_FIELDS = ("site_code", "sensor_id", "timestamp", "value")
 # ISO 8601 extended form with a zone of whole minutes (RFC 3339 and its common relatives); Python alone would
 # also take offsets with seconds and compact forms, which no sensor gateway sends on purpose.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?([Zz]|[+-]\d{2}(:?\d{2})?)")
 
 
@@ -144,6 +147,12 @@ def _non_empty_string(document: dict[str, Any], name: str, reason: str) -> str:
     value = document[name]
     if not isinstance(value, str) or not value.strip():
         raise _RejectError(reason, f"{name} must be a non-empty string")
+    surrogate = _LONE_SURROGATE.search(value)
+    if surrogate:
+        # A JSON escape such as \ud800 decodes to a lone surrogate: not Unicode, so no UTF-8 sink could take it.
+        raise _RejectError(
+            BAD_ENCODING, f"{name} holds a lone UTF-16 surrogate U+{ord(surrogate.group()):04X} at {surrogate.start()}"
+        )
     return value
 
 

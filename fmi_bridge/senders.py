@@ -10,7 +10,7 @@ from fmi_bridge.backoff import Backoff
 from fmi_bridge.logs import RateLimiter
 from fmi_bridge.metrics import Metrics
 from fmi_bridge.sinks import Sink, WriteResult
-from fmi_bridge.spool import Spool
+from fmi_bridge.spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,9 @@ class Sender:
         self.heartbeat = time.monotonic()
         self._backoff = Backoff(initial=0.5, maximum=10.0)
         self._error_log = RateLimiter(per_second=0.2, burst=3)
+        # What the sink confirmed but the spool has not recorded yet (e.g. disk full): settled before anything
+        # else, and never sent again meanwhile.
+        self._owed = WriteResult()
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -48,8 +51,10 @@ class Sender:
         """None when there was nothing to send, else whether anything left the spool."""
         late = self.sink.confirmed_late()
         if late:
-            self.spool.settle(self.sink.bit, late)
+            self._owed.done.extend(late)
             self.metrics.sent.labels(self.sink.name).inc(len(late))
+        if not self._settle_owed():
+            return False
         batch = self.sink.next_batch(self.spool)
         if not batch:
             return True if late else None
@@ -60,9 +65,21 @@ class Sender:
             log.exception("sink write failed", extra={"sink": self.sink.name})
             result = WriteResult(retry=[record.id for record in batch], error=str(exc))
         self.metrics.send_seconds.labels(self.sink.name).observe(time.monotonic() - started)
-        self.spool.settle(self.sink.bit, result.done, result.dead_letters)
+        self._owed = WriteResult(done=list(result.done), dead_letters=list(result.dead_letters))
         self._count(result)
-        return bool(result.done or result.dead_letters)
+        return self._settle_owed() and bool(result.done or result.dead_letters)
+
+    def _settle_owed(self) -> bool:
+        if not (self._owed.done or self._owed.dead_letters):
+            return True
+        try:
+            self.spool.settle(self.sink.bit, self._owed.done, self._owed.dead_letters)
+        except SpoolError as exc:
+            self.metrics.failed.labels(self.sink.name).inc()
+            self._warn("cannot record confirmed records in the spool; they are kept, not sent again", str(exc), 0)
+            return False
+        self._owed = WriteResult()
+        return True
 
     def _count(self, result: WriteResult) -> None:
         name = self.sink.name
@@ -71,17 +88,19 @@ class Sender:
         if result.retry:
             self.metrics.failed.labels(name).inc()
             self.metrics.retried.labels(name).inc(len(result.retry))
-            allowed, held_back = self._error_log.allow(name)
-            if allowed:
-                log.warning(
-                    "sink did not take every record; they stay in the spool and are sent again",
-                    extra={
-                        "sink": name,
-                        "records": len(result.retry),
-                        "error": result.error,
-                        "suppressed_since_last": held_back,
-                    },
-                )
+            self._warn(
+                "sink did not take every record; they stay in the spool and are sent again",
+                result.error,
+                len(result.retry),
+            )
+
+    def _warn(self, message: str, error: str | None, records: int) -> None:
+        allowed, held_back = self._error_log.allow(self.sink.name)
+        if allowed:
+            log.warning(
+                message,
+                extra={"sink": self.sink.name, "records": records, "error": error, "suppressed_since_last": held_back},
+            )
 
     def pending(self) -> int:
         return self.spool.count_pending(self.sink.bit)

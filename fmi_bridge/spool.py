@@ -2,10 +2,14 @@
 
 A record carries one bit per sink that still has to confirm it; it is deleted when no bit is left. Each
 connection belongs to one thread (SQLite objects are not shared), the counters are shared under a lock.
+
+One process owns a spool at a time (an exclusive lock on `spool.db.lock`). A reserve file of a few MiB is kept
+beside it and given back when the disk fills, so a settle (which frees space) can still commit.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -24,6 +28,13 @@ log = logging.getLogger(__name__)
 READING = "reading"
 REJECT = "reject"
 SPOOL_FILE = "spool.db"
+LOCK_FILE = f"{SPOOL_FILE}.lock"
+RESERVE_FILE = f"{SPOOL_FILE}.reserve"
+RESERVE_BYTES = 16 * 1024**2  # far more than the WAL frames of one settle of a few thousand records
+BUSY_SECONDS = 30.0  # intake and senders take turns at the writer lock
+OPEN_BUSY_SECONDS = 5.0  # at start a lock held elsewhere is a fault to report, not a wait
+# Only these mean the file itself is damaged; busy, locked, full, I/O and permission errors do not.
+_CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -56,11 +67,19 @@ class Record:
 
 @dataclass(frozen=True)
 class Entry:
-    """A record to append: its kind, ordering site and the row every sink derives its output from."""
+    """A record to append: its kind, ordering site, and the row every sink derives its output from, as the
+    JSON text to store. Make it with `entry()`, which proves the text encodes."""
 
     kind: str
     site_code: str | None
-    row: dict[str, Any]
+    body: str
+    size: int
+
+
+def entry(kind: str, site_code: str | None, row: dict[str, Any]) -> Entry:
+    """Raises UnicodeEncodeError (a ValueError) when a string of the row is not valid Unicode."""
+    body = json.dumps(row, separators=(",", ":"), ensure_ascii=False)
+    return Entry(kind, site_code, body, len(body.encode("utf-8")))
 
 
 @dataclass(frozen=True)
@@ -84,26 +103,38 @@ class Spool:
         self._lock = threading.Lock()
         self._records = 0
         self._bytes = 0
-        self._open()
+        self._owner = _lock_exclusively(directory / LOCK_FILE)
+        try:
+            self._open()
+        except BaseException:
+            self._owner.close()
+            raise
+        self.keep_reserve()
 
     # -- opening ------------------------------------------------------------------------------------------
 
     @classmethod
     def open(cls, directory: Path, **kwargs: Any) -> Spool:
-        """Open the spool, moving a corrupt one aside (never deleting it) and starting afresh."""
+        """Open the spool. Only a corrupt one is moved aside (never deleted) for a fresh start; any other
+        failure (locked, disk full, unreadable) raises SpoolError and leaves the file as it is."""
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SpoolError(f"cannot create spool folder {directory}: {exc}") from exc
         try:
             return cls(directory, **kwargs)
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
+            if not is_corrupt(exc):
+                raise SpoolError(f"cannot open spool {directory / SPOOL_FILE}: {_describe(exc)}") from exc
             moved = cls._move_aside(directory)
             log.error(
-                "spool was unreadable and was moved aside; starting a fresh one",
-                extra={"error": str(exc), "moved_to": str(moved)},
+                "spool was corrupt and was moved aside; starting a fresh one (spool-import can take its records)",
+                extra={"error": _describe(exc), "moved_to": str(moved)},
             )
+        try:
             return cls(directory, **kwargs)
+        except sqlite3.Error as exc:
+            raise SpoolError(f"cannot create a fresh spool in {directory}: {_describe(exc)}") from exc
 
     @staticmethod
     def _move_aside(directory: Path) -> Path:
@@ -116,23 +147,27 @@ class Spool:
         return target
 
     def _open(self) -> None:
-        conn = self._connection(synchronous="FULL")
-        result = conn.execute("PRAGMA quick_check").fetchone()[0]
-        if result != "ok":
-            conn.close()
-            self._local.conn = None
-            raise sqlite3.DatabaseError(f"integrity check failed: {result}")
+        conn = self._connection(synchronous="FULL", busy_seconds=OPEN_BUSY_SECONDS)
+        try:
+            result = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if result != "ok":
+                raise CorruptSpoolError(f"integrity check failed: {result}")
+        except sqlite3.Error:
+            self.close()
+            raise
+        conn.execute(f"PRAGMA busy_timeout={BUSY_SECONDS * 1000:.0f}")
         conn.executescript(_SCHEMA)
         for bit in _bits(self.reading_bits | self.reject_bits):
             conn.execute(f"CREATE INDEX IF NOT EXISTS pending_{bit} ON records(id) WHERE pending & {bit}")
         count, size = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM records").fetchone()
         self._records, self._bytes = count, size
 
-    def _connection(self, synchronous: str = "NORMAL") -> sqlite3.Connection:
+    def _connection(self, synchronous: str = "NORMAL", busy_seconds: float = 0.0) -> sqlite3.Connection:
         """This thread's connection; the first call in a thread sets its durability for good."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
+            timeout = busy_seconds or BUSY_SECONDS
+            conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=True)
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL for the intake connection: an acknowledged message must survive a power cut.
             # Senders only delete; losing one of their commits means a resend, never a loss.
@@ -141,10 +176,40 @@ class Spool:
         return conn
 
     def close(self) -> None:
+        """Close this thread's connection."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+    def release(self) -> None:
+        """Close this thread's connection and give up ownership (other threads' connections must be closed)."""
+        self.close()
+        self._owner.close()
+
+    # -- disk reserve -----------------------------------------------------------------------------------------
+
+    def keep_reserve(self) -> None:
+        """Hold RESERVE_BYTES of disk for settling, when the disk has that much to spare."""
+        reserve = self.directory / RESERVE_FILE
+        try:
+            if reserve.exists() or shutil.disk_usage(self.directory).free < RESERVE_BYTES + self.min_free_bytes:
+                return
+            descriptor = os.open(reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(descriptor, 0, RESERVE_BYTES)
+            finally:
+                os.close(descriptor)
+        except OSError:
+            reserve.unlink(missing_ok=True)  # a half-made reserve is only taken space
+
+    def _give_back_reserve(self) -> bool:
+        reserve = self.directory / RESERVE_FILE
+        if not reserve.exists():
+            return False
+        reserve.unlink(missing_ok=True)
+        log.warning("disk is full: gave back the spool's reserve so confirmed records can be settled")
+        return True
 
     # -- intake ---------------------------------------------------------------------------------------------
 
@@ -167,6 +232,8 @@ class Spool:
             return 0
         rows = self._rows(entries)
         problem = self.room_problem(rows[0][3])
+        if problem is None:
+            self.keep_reserve()
         if problem:
             raise SpoolFullError(problem)
         room = self.max_bytes - self._bytes
@@ -181,21 +248,19 @@ class Spool:
         try:
             with _transaction(conn):
                 self._insert(conn, rows)
-        except sqlite3.OperationalError as exc:
-            if "full" in str(exc).lower():
+        except sqlite3.Error as exc:
+            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
                 raise SpoolFullError(f"disk full: {exc}") from exc
-            raise SpoolError(f"spool write failed: {exc}") from exc
+            raise SpoolError(f"spool write failed: {_describe(exc)}") from exc
         self._count(len(rows), sum(row[3] for row in rows))
         return len(rows)
 
     def _rows(self, entries: Iterable[Entry]) -> list[tuple[str, str | None, str, int, int, float]]:
         now = time.time()
-        rows = []
-        for entry in entries:
-            body = json.dumps(entry.row, separators=(",", ":"), ensure_ascii=False)
-            bits = self.reading_bits if entry.kind == READING else self.reject_bits
-            rows.append((entry.kind, entry.site_code, body, len(body.encode("utf-8")), bits, now))
-        return rows
+        return [
+            (e.kind, e.site_code, e.body, e.size, self.reading_bits if e.kind == READING else self.reject_bits, now)
+            for e in entries
+        ]
 
     def _insert(self, conn: sqlite3.Connection, rows: list[tuple[str, str | None, str, int, int, float]]) -> None:
         conn.executemany(
@@ -240,13 +305,25 @@ class Spool:
     def settle(self, bit: int, done: Sequence[int], dead_letters: Sequence[tuple[int, dict[str, Any]]] = ()) -> None:
         """The sink confirmed `done`, and refused `dead_letters` for good (each becomes a reject record).
 
-        One transaction: a refused reading's reject record exists before its bit is cleared.
+        One transaction: a refused reading's reject record exists before its bit is cleared. A full disk gives
+        back the reserve and tries once more; SpoolError if it still fails (the caller keeps the ids and retries).
         """
         ids = list(done) + [record_id for record_id, _ in dead_letters]
         if not ids:
             return
+        rejects = self._rows(entry(REJECT, None, row) for _, row in dead_letters)
+        try:
+            self._settle(bit, ids, rejects)
+        except sqlite3.Error as exc:
+            if not (exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL and self._give_back_reserve()):
+                raise SpoolError(f"settle failed: {_describe(exc)}") from exc
+            try:
+                self._settle(bit, ids, rejects)
+            except sqlite3.Error as again:
+                raise SpoolError(f"settle failed: {_describe(again)}") from again
+
+    def _settle(self, bit: int, ids: list[int], rejects: list[tuple[str, str | None, str, int, int, float]]) -> None:
         conn = self._connection()
-        rejects = self._rows(Entry(REJECT, None, row) for _, row in dead_letters)
         with _transaction(conn):
             # No room check: a dead letter replaces the reading it came from.
             self._insert(conn, rejects)
@@ -272,16 +349,50 @@ class Spool:
         return os.access(self.directory, os.W_OK) and self.room_problem() is None
 
 
+class CorruptSpoolError(sqlite3.DatabaseError):
+    """The file opened, but SQLite's own check found it damaged."""
+
+
+def is_corrupt(exc: sqlite3.Error) -> bool:
+    return isinstance(exc, CorruptSpoolError) or (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _CORRUPT_CODES
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    name = getattr(exc, "sqlite_errorname", None)
+    return f"{name}: {exc}" if name else str(exc)
+
+
+def _lock_exclusively(path: Path) -> Any:
+    """Own the spool for this process's life; the lock goes with the process, however it ends."""
+    try:
+        handle = path.open("a+")
+    except OSError as exc:
+        raise SpoolError(f"cannot open {path}: {exc}") from exc
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise SpoolError(f"spool {path.parent} is in use by another process (pid {holder})") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 @contextmanager
 def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: the writer lock is taken up front."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        # SQLite may already have rolled back by itself (disk full); a second ROLLBACK would hide the cause.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 def _record(row: tuple[int, str, str | None, str]) -> Record:

@@ -25,6 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "FCTS/FAE/{site}/SolvExtract/{tag}"
 
 
+def venv_tool(name: str) -> str:
+    """A command installed into the project's environment (by `make`), never one found on PATH by luck."""
+    path = Path(sys.executable).parent / name
+    assert path.exists(), f"{name} is not installed in {path.parent}: run make setup"
+    return str(path)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

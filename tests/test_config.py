@@ -46,6 +46,18 @@ def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         ({"APP_ENV": "LOCAL", "SPOOL_MAX_BYTES": "-1"}, "SPOOL_MAX_BYTES", "at least 1048576"),
         ({"APP_ENV": "LOCAL", "SPOOL_MIN_FREE_BYTES": "0"}, "SPOOL_MIN_FREE_BYTES", "positive"),
         ({"APP_ENV": "LOCAL", "MQTT_TOPIC": "a,,b"}, "MQTT_TOPIC", "non-empty"),
+        (
+            {"APP_ENV": "LOCAL", "MQTT_TOPIC": "FCTS/#/SolvExtract"},
+            "MQTT_TOPIC",
+            "'#' must be a whole level and the last",
+        ),
+        ({"APP_ENV": "LOCAL", "MQTT_TOPIC": "FCTS/FAE/M+/x"}, "MQTT_TOPIC", "'+' must be a whole level"),
+        ({"APP_ENV": "LOCAL", "MQTT_TOPIC": "$share/g"}, "MQTT_TOPIC", "$share/<group>/<filter>"),
+        ({"APP_ENV": "LOCAL", "MQTT_TOPIC": "$share/g#/a/b"}, "MQTT_TOPIC", "$share/<group>/<filter>"),
+        ({"APP_ENV": "LOCAL", "MQTT_RECEIVE_MAXIMUM": "65536"}, "MQTT_RECEIVE_MAXIMUM", "from 1 to 65535"),
+        ({"APP_ENV": "LOCAL", "MQTT_RECEIVE_MAXIMUM": "0"}, "MQTT_RECEIVE_MAXIMUM", "from 1 to 65535"),
+        ({"APP_ENV": "LOCAL", "MQTT_SESSION_EXPIRY": str(2**32)}, "MQTT_SESSION_EXPIRY", "from 0 to 4294967295"),
+        ({"APP_ENV": "LOCAL", "MQTT_KEEPALIVE": "70000"}, "MQTT_KEEPALIVE", "from 1 to 65535"),
         ({"APP_ENV": "LOCAL", "PUBSUB_EMULATOR_HOST": "localhost"}, "PUBSUB_EMULATOR_HOST", "host:port"),
         ({"APP_ENV": "LOCAL", "BIGQUERY_EMULATOR_HOST": "127.0.0.1:9050"}, "BIGQUERY_EMULATOR_HOST", "http://"),
         ({"APP_ENV": "LOCAL", "PUBSUB_EMULATOR_HOST": "127.0.0.1:1"}, "GCP_PROJECT_ID", "required"),
@@ -68,19 +80,81 @@ def test_bad_configuration_stops_the_daemon_too() -> None:
     assert "GCP_PROJECT_ID" in result.stderr
 
 
-def test_prd_needs_credentials_besides_tls(tmp_path: Path) -> None:
-    ca = tmp_path / "ca.pem"
-    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real self-signed certificate with its key beside it (ca.key)."""
+    folder = tmp_path_factory.mktemp("ca")
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=config",
+        ],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return folder / "ca.pem"
+
+
+def test_session_expiry_0_is_allowed() -> None:
+    assert Config.from_env({"APP_ENV": "LOCAL", "MQTT_SESSION_EXPIRY": "0"}).mqtt_session_expiry == 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "content", "problem"),
+    [
+        ("MQTT_PASSWORD_FILE", b"\xff\xfe not text", "cannot be read as UTF-8 text"),
+        ("MQTT_TLS_CA", b"-----BEGIN CERTIFICATE-----\nnot base64\n", "not a PEM CA certificate"),
+        ("MQTT_TLS_CA", None, "does not exist"),  # a folder where a file should be
+    ],
+)
+def test_an_unusable_file_stops_start_up_with_one_line(
+    tmp_path: Path, variable: str, content: bytes | None, problem: str
+) -> None:
+    path = tmp_path / "file"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    env = {"APP_ENV": "LOCAL", "MQTT_USERNAME": "bridge", variable: str(path)}
+    for args in (("check-config",), ()):
+        result = run(env, *args)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and variable in lines[0] and problem in lines[0], result.stderr
+
+
+def test_a_client_certificate_must_match_its_key(tmp_path: Path, ca: Path) -> None:
+    other = tmp_path / "other.key"
+    subprocess.run(["openssl", "genrsa", "-out", str(other), "2048"], check=True, capture_output=True, timeout=60)
+    env = {"APP_ENV": "LOCAL", "MQTT_TLS_CA": str(ca), "MQTT_TLS_CERT": str(ca), "MQTT_TLS_KEY": str(other)}
+    result = run(env, "check-config")
+    assert result.returncode == 2 and "not a matching PEM certificate and key" in result.stderr
+    assert run({**env, "MQTT_TLS_KEY": str(ca.with_name("ca.key"))}, "check-config").returncode == 0
+
+
+def test_prd_needs_credentials_besides_tls(ca: Path) -> None:
     result = run({"APP_ENV": "PRD", **CLOUD, "MQTT_TLS_CA": str(ca), "MQTT_USERNAME": "bridge"}, "check-config")
     assert result.returncode == 2
     assert "MQTT_PASSWORD" in result.stderr
 
 
-def test_check_config_prints_the_effective_configuration_with_secrets_masked(tmp_path: Path) -> None:
+def test_check_config_prints_the_effective_configuration_with_secrets_masked(tmp_path: Path, ca: Path) -> None:
     secret = tmp_path / "password"
     secret.write_text("s3cret-from-file\n")
-    ca = tmp_path / "ca.pem"
-    ca.write_text("-----BEGIN CERTIFICATE-----\n")
     env = {
         "APP_ENV": "PRD",
         **CLOUD,

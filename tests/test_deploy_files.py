@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import yaml
 from fmi_bridge.config import ENVIRONMENTS, SETTINGS
 from fmi_bridge.launch import LAUNCH_SETTINGS
 from fmi_bridge.secrets import SECRET_FILE_VARIABLES
+from tests.support import venv_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DESCRIPTORS = {"DEV": "dev.yml", "PPRD": "pprd.yml", "PRD": "prd.yml"}
@@ -133,7 +133,7 @@ def test_production_is_larger_and_secured() -> None:
 def test_pipeline_is_valid_gitlab_ci() -> None:
     result = subprocess.run(
         [
-            shutil.which("check-jsonschema") or "check-jsonschema",
+            venv_tool("check-jsonschema"),
             "--builtin-schema",
             "vendor.gitlab-ci",
             str(ROOT / "project-ci.yml"),
@@ -165,7 +165,7 @@ def test_pipeline_stages_gates_and_keyless_auth() -> None:
 
 def test_dockerfile_is_lint_clean_and_runs_as_non_root() -> None:
     result = subprocess.run(
-        [shutil.which("hadolint") or "hadolint", str(ROOT / "Dockerfile")],
+        [venv_tool("hadolint"), str(ROOT / "Dockerfile")],
         capture_output=True,
         text=True,
         timeout=60,

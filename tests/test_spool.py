@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from fmi_bridge.spool import READING, REJECT, Entry, Spool, SpoolFullError
+from fmi_bridge.spool import entry as spool_entry
 
 PUBSUB, BIGQUERY = 1, 2
 
@@ -19,11 +19,11 @@ def open_spool(directory: Path, max_bytes: int = 10**9) -> Spool:
 
 
 def entry(n: int, site: str = "S1") -> Entry:
-    return Entry(READING, site, {"event_id": f"e{n}", "n": n, "pad": "x" * 50})
+    return spool_entry(READING, site, {"event_id": f"e{n}", "n": n, "pad": "x" * 50})
 
 
 def size(e: Entry) -> int:
-    return len(json.dumps(e.row, separators=(",", ":")))
+    return e.size
 
 
 def test_a_record_leaves_only_when_every_sink_confirmed(tmp_path: Path) -> None:
@@ -90,7 +90,7 @@ def test_records_survive_a_reopen(tmp_path: Path) -> None:
     spool = open_spool(tmp_path)
     spool.append([entry(n) for n in range(3)])
     spool.settle(PUBSUB, [spool.pending(PUBSUB, 1)[0].id])
-    spool.close()
+    spool.release()
 
     again = open_spool(tmp_path)
     assert again.stats().records == 3
