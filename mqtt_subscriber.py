@@ -3,6 +3,8 @@
     python mqtt_subscriber.py                 run the bridge until SIGTERM
     python mqtt_subscriber.py check-config    print the effective configuration (secrets masked); exit 0 or 2
     python mqtt_subscriber.py provision       create the Pub/Sub topic, dataset and tables; safe to repeat
+    python mqtt_subscriber.py status          what the spool holds per sink, and files moved aside; read only
+    python mqtt_subscriber.py spool-import F  take the pending records of spool file F (bridge stopped); safe to repeat
 
 The flow, top to bottom: configuration → spool → senders (one per sink) → intake → MQTT link → health → wait
 for SIGTERM → stop intake, flush within the bound, keep the rest spooled.
@@ -17,12 +19,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from google.api_core.exceptions import GoogleAPIError
 from google.auth.exceptions import DefaultCredentialsError
 
-from fmi_bridge import cloud
+from fmi_bridge import cloud, spool_admin
 from fmi_bridge.config import Config, ConfigError
 from fmi_bridge.health import HealthServer
 from fmi_bridge.inbox import Inbox
@@ -45,10 +49,16 @@ EXIT_FAULT = 1
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    command = args[0] if args else "run"
-    commands = {"run": run, "check-config": check_config, "provision": provision_resources}
-    if command not in commands or len(args) > 1:
-        print(f"usage: mqtt_subscriber.py [{' | '.join(commands)}]", file=sys.stderr)
+    command, operands = (args[0], args[1:]) if args else ("run", [])
+    commands: dict[str, Callable[..., int]] = {
+        "run": run,
+        "check-config": check_config,
+        "provision": provision_resources,
+        "status": spool_status,
+        "spool-import": spool_import,
+    }
+    if command not in commands or len(operands) != (command == "spool-import"):
+        print(f"usage: mqtt_subscriber.py [{' | '.join(commands)}]  (spool-import takes a FILE)", file=sys.stderr)
         return EXIT_CONFIG
     try:
         config = Config.from_env()
@@ -57,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     setup_logging(config.log_level)
     try:
-        return commands[command](config)
+        return commands[command](config, *operands)
     except DefaultCredentialsError as exc:
         print(f"configuration error: no Google credentials for APP_ENV={config.app_env}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -73,6 +83,22 @@ def check_config(config: Config) -> int:
 
 def provision_resources(config: Config) -> int:
     provision(config)
+    return 0
+
+
+def spool_status(config: Config) -> int:
+    print(json.dumps(spool_admin.status(config.spool_dir), indent=2))
+    return 0
+
+
+def spool_import(config: Config, source: str) -> int:
+    try:
+        spool = open_spool(config)
+        result = spool_admin.import_spool(spool, Path(source))
+    except SpoolError as exc:
+        print(f"spool-import failed: {exc}", file=sys.stderr)
+        return EXIT_FAULT
+    print(json.dumps(asdict(result)))
     return 0
 
 
@@ -104,8 +130,9 @@ def build_sinks(config: Config) -> list[Sink]:
     return sinks
 
 
-def open_spool(config: Config, sinks: list[Sink]) -> Spool:
-    bits = {sink.bit for sink in sinks}
+def open_spool(config: Config) -> Spool:
+    bits = {bit for bit, on in ((PUBSUB, config.pubsub_enabled), (BIGQUERY, config.bigquery_enabled)) if on}
+    bits |= set() if config.bigquery_enabled else {LOG}  # as build_sinks: the log stands in for BigQuery
     reading_bits = (bits & {PUBSUB, BIGQUERY}) or {LOG}
     reject_bits = {BIGQUERY} if BIGQUERY in bits else {LOG}
     spool = Spool.open(
@@ -129,14 +156,15 @@ def run(config: Config) -> int:
     metrics = Metrics()
     sinks = build_sinks(config)
     try:
-        spool = open_spool(config, sinks)
+        spool = open_spool(config)
     except SpoolError as exc:
-        log.error("cannot open the spool", extra={"error": str(exc)})
+        log.error("cannot open the spool; nothing was changed, exiting to be restarted", extra={"error": str(exc)})
         return EXIT_FAULT
     metrics.watch_spool(spool.stats)
 
     senders = [Sender(sink, spool, metrics) for sink in sinks]
     inbox = Inbox()
+    metrics.watch_inbox(inbox.__len__)
     link = MqttLink(config, metrics, inbox)
 
     def wake_senders() -> None:

@@ -64,5 +64,12 @@ class Metrics:
             "fmi_bridge_log_lines_suppressed", "Log lines dropped by rate limiting", registry=r
         )
 
+    def watch_inbox(self, depth: Callable[[], int]) -> None:
+        Gauge(
+            "fmi_bridge_inbox_messages",
+            "Messages read from the broker, waiting for the intake (bounded; at the bound the link stops reading)",
+            registry=self.registry,
+        ).set_function(depth)
+
     def watch_spool(self, stats: Callable[[], SpoolStats]) -> None:
         self.registry.register(_SpoolCollector(stats))

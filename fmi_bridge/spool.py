@@ -46,6 +46,12 @@ CREATE TABLE IF NOT EXISTS records (
     pending INTEGER NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS imports (
+    fingerprint TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    records INTEGER NOT NULL,
+    imported_at REAL NOT NULL
+);
 """
 
 
@@ -273,6 +279,27 @@ class Spool:
             self._records += records
             self._bytes += size
 
+    def import_records(self, rows: Sequence[tuple[Any, ...]], fingerprint: str, source: str) -> bool:
+        """Take (id, kind, site_code, body, size, pending, created_at) rows of another spool ahead of the records
+        held here, in their order; False when rows with this fingerprint were imported before."""
+        size = sum(row[4] for row in rows)
+        if self._bytes + size > self.max_bytes:
+            raise SpoolFullError(
+                f"{size} bytes to import, but SPOOL_MAX_BYTES leaves {self.max_bytes - self._bytes} bytes free"
+            )
+        conn = self._connection(synchronous="FULL")
+        with _transaction(conn):
+            if conn.execute("SELECT 1 FROM imports WHERE fingerprint = ?", (fingerprint,)).fetchone():
+                return False
+            first = conn.execute("SELECT coalesce(min(id), 1) FROM records").fetchone()[0] - len(rows)
+            conn.executemany(
+                "INSERT INTO records (id, kind, site_code, body, size, pending, created_at) VALUES (?,?,?,?,?,?,?)",
+                [(first + index, *row[1:]) for index, row in enumerate(rows)],
+            )
+            conn.execute("INSERT INTO imports VALUES (?, ?, ?, ?)", (fingerprint, source, len(rows), time.time()))
+        self._count(len(rows), size)
+        return True
+
     # -- senders --------------------------------------------------------------------------------------------
 
     def pending(self, bit: int, limit: int, exclude_sites: Iterable[str] = ()) -> list[Record]:
@@ -375,9 +402,12 @@ def _lock_exclusively(path: Path) -> Any:
         holder = handle.read().strip() or "unknown"
         handle.close()
         raise SpoolError(f"spool {path.parent} is in use by another process (pid {holder})") from None
-    handle.truncate(0)
-    handle.write(str(os.getpid()))
-    handle.flush()
+    try:  # the pid only helps the message above; a full disk must not stop start-up here
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+    except OSError:
+        pass
     return handle
 
 

@@ -23,6 +23,8 @@ from fmi_bridge.broker_conf import BrokerSecurity, render
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "FCTS/FAE/{site}/SolvExtract/{tag}"
+# Plain LOCAL: no emulator host inherited from the session's cloud fixtures, so the log sink stands in.
+LOCAL_ONLY = {"APP_ENV": "LOCAL", "PUBSUB_EMULATOR_HOST": "", "BIGQUERY_EMULATOR_HOST": ""}
 
 
 def venv_tool(name: str) -> str:

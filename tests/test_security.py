@@ -25,6 +25,7 @@ from tests.support import (
     free_port,
     publish,
     reading,
+    readings,
     wait_until,
 )
 
@@ -150,6 +151,33 @@ def test_bridge_connects_with_tls_and_credentials_and_the_acl_keeps_sites_apart(
     publish(prd_broker.port, [reading("S1", 4)], username="S1", password=SITE_PASSWORDS["S1"], tls_ca=pki.ca)
     cloud.reader.wait_for(3, 30)
     assert expected_ids([reading("S1", 3)]) & cloud.reader.distinct_ids() == set()
+
+
+def test_tls_under_load_keeps_one_connection_and_loses_nothing(
+    prd_broker: Broker, pki: Pki, cloud: Cloud, bridges: Callable[..., Bridge], tmp_path: Path
+) -> None:
+    """PUBACKs are written by the link's own thread: an SSL socket shared with the intake thread tore frames."""
+    password_file = tmp_path / "bridge-password"
+    password_file.write_text(BRIDGE_PASSWORD)
+    env = {
+        **cloud.env,
+        "APP_ENV": "PRD",
+        "MQTT_BROKER": "localhost",
+        "MQTT_PORT": str(prd_broker.port),
+        "MQTT_TLS_CA": str(pki.ca),
+        "MQTT_USERNAME": BRIDGE_USER,
+        "MQTT_PASSWORD_FILE": str(password_file),
+    }
+    bridge = bridges(env).start()
+    bridge.wait_ready()
+    messages = readings(["S1"], 20_000)
+
+    publish(prd_broker.port, messages, username="S1", password=SITE_PASSWORDS["S1"], tls_ca=pki.ca)
+
+    assert cloud.reader.wait_for(len(messages), 120) == expected_ids(messages)
+    assert bridge.metric("fmi_bridge_mqtt_connects_total") == 1
+    assert bridge.metric("fmi_bridge_mqtt_disconnects_total") == 0
+    assert "disconnected from broker" not in bridge.output()
 
 
 def launch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,84 @@
+"""The MQTT side on a real Mosquitto: retained readings are not ingested again on reconnects, and a QoS 0 flood
+against a spool that takes nothing leaves the bridge's memory bounded (the broker holds or drops it)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fmi_bridge.inbox import MAX_MESSAGES
+from tests.conftest import Cloud, start_bridge
+from tests.support import LOCAL_ONLY, Bridge, Broker, bq_query, expected_ids, reading, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_retained_reading_is_ingested_once_across_restarts(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]
+) -> None:
+    retained = reading("MOR", 7)
+    sent = subprocess.run(
+        ["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-r", "-t", retained.topic, "-s"],
+        input=retained.payload,
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
+    assert sent.returncode == 0
+    (event_id,) = expected_ids([retained])
+
+    bridge = start_bridge(bridges, cloud, broker)  # a new session: the broker's retained reading comes once
+    wait_until(lambda: bridge.metric("fmi_bridge_sink_sent_total", 'sink="bigquery"') >= 1, 30, "the insert")
+    assert bridge.metric("fmi_bridge_mqtt_retained_total") == 1
+    for _ in range(2):
+        assert bridge.terminate() == 0
+        bridge.start()
+        bridge.wait_ready()
+    wait_until(lambda: bridge.metric("fmi_bridge_mqtt_connects_total") == 1, 10, "the third run connected")
+
+    rows = bq_query(cloud.bq, f"SELECT count(*) AS n FROM `{cloud.readings_table}` WHERE event_id = '{event_id}'")
+    assert rows[0]["n"] == 1  # rows, not distinct ids: the emulator does not deduplicate
+    cloud.reader.wait_for(1, 10)
+    assert len(cloud.reader.messages) == 1
+    assert bridge.metric("fmi_bridge_mqtt_retained_total") == 0  # this run's resumed session got none
+
+
+def peak_rss_mib(bridge: Bridge) -> float:
+    assert bridge.process is not None
+    for line in Path(f"/proc/{bridge.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_qos0_flood_against_a_spool_that_takes_nothing_keeps_memory_bounded(
+    broker: Broker, bridges: Callable[..., Bridge], tmp_path: Path
+) -> None:
+    # A free-space floor no disk meets: the spool refuses everything, as when it is full.
+    bridge = bridges({**LOCAL_ONLY, "MQTT_PORT": str(broker.port), "SPOOL_MIN_FREE_BYTES": str(2**60)}).start()
+    wait_until(lambda: bridge.status("/liveness_check")[0] == 200, 30, "the bridge up")
+    wait_until(lambda: "subscribed" in bridge.output(), 30, "the subscription")
+    flood, count = tmp_path / "flood.txt", 400_000
+    line = b'{"site_code":"MOR","sensor_id":"FT-1","timestamp":"2026-11-20T08:00:00Z","value":1,"pad":"%s"}\n'
+    with flood.open("wb") as out:
+        out.write(line % (b"x" * 1950) * count)
+    topic = "FCTS/FAE/MOR/SolvExtract/FLOOD"
+
+    with flood.open("rb") as source:
+        sent = subprocess.run(
+            ["mosquitto_pub", "-p", str(broker.port), "-q", "0", "-t", topic, "-l"],
+            stdin=source,
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+
+    assert sent.returncode == 0, sent.stderr
+    wait_until(lambda: bridge.metric("fmi_bridge_inbox_messages") == MAX_MESSAGES, 30, "the inbox at its bound")
+    peak = peak_rss_mib(bridge)
+    print(f"\nQoS 0 flood of {count} x 2 KiB with the spool refusing: bridge peak RSS {peak:.1f} MiB")
+    assert peak < 150
+    assert bridge.alive()
