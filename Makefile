@@ -5,16 +5,29 @@ BQ_VENV := .venv-bqemulator
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint setup system-packages clean
+.PHONY: run test lint setup system-packages container-test container-packages clean
 
 ## run: Mosquitto and the subscriber under Supervisor, APP_ENV=LOCAL (events are logged, nothing leaves the machine)
 run: system-packages $(VENV)/.installed
 	APP_ENV=$${APP_ENV:-LOCAL} $(PY) -m fmi_bridge.launch
 
-## test: lint, then the whole suite against real Mosquitto, the Pub/Sub test server and the BigQuery emulator
+## test: lint, the whole suite against real Mosquitto, Google's Pub/Sub emulator (the in-repo server for injected
+## faults) and the BigQuery emulator, then the container built and run
 test: setup
 	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest
+	$(MAKE) --no-print-directory container-test
+
+## container-test: build the Dockerfile with buildah on a stand-in base image, run it with podman (LOCAL and PRD)
+container-test: setup container-packages
+	$(PY) -m pytest -m container tests/test_container_image.py
+
+container-packages:
+	@command -v buildah >/dev/null && command -v podman >/dev/null && command -v debootstrap >/dev/null \
+	  && command -v runc >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    buildah podman debootstrap runc uidmap fuse-overlayfs ; }
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

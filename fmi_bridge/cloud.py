@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
 from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry, if_exception_type
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery, pubsub_v1  # type: ignore[attr-defined]  # mypy cannot see pubsub_v1
+from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 
 from fmi_bridge.config import Config
 
@@ -24,14 +26,21 @@ _RETRYABLE = if_exception_type(
 
 
 def publisher_client(config: Config) -> Any:
-    """PUBSUB_EMULATOR_HOST, when set, is read by the client itself (insecure channel, no credentials)."""
     return pubsub_v1.PublisherClient(
         batch_settings=pubsub_v1.types.BatchSettings(max_messages=1000, max_bytes=5_000_000, max_latency=0.05),
         publisher_options=pubsub_v1.types.PublisherOptions(
             enable_message_ordering=True,
             retry=Retry(predicate=_RETRYABLE, initial=0.1, maximum=5.0, multiplier=2.0),
         ),
+        **emulator_transport(config.pubsub_emulator_host, PublisherGrpcTransport),
     )
+
+
+def emulator_transport(host: str | None, transport: Any) -> dict[str, Any]:
+    """The configured emulator, explicitly: an insecure channel to it and no credentials."""
+    if host is None:
+        return {}
+    return {"transport": transport(channel=grpc.insecure_channel(host), credentials=AnonymousCredentials())}  # type: ignore[no-untyped-call]
 
 
 def topic_path(config: Config) -> str:

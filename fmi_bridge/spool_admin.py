@@ -19,6 +19,7 @@ from fmi_bridge.spool import SPOOL_FILE, Spool, SpoolError
 
 SINK_BITS = {"pubsub": PUBSUB, "bigquery": BIGQUERY, "log": LOG}
 
+
 def _read_only(path: Path) -> sqlite3.Connection:
     if not path.is_file():
         raise SpoolError(f"no spool file at {path}")

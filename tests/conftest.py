@@ -1,10 +1,13 @@
-"""Fixtures: real Mosquitto, a Pub/Sub server (ours, or Google's emulator via PUBSUB_EMULATOR_HOST), bqemulator."""
+"""Fixtures: real Mosquitto, Google's Pub/Sub emulator (the in-repo test server where faults are injected, or
+where the emulator is not installed), and bqemulator. Every endpoint is passed explicitly, never through the
+test process's environment, so the two Pub/Sub backends can serve one session side by side."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ from tests.support import (
     BigQueryEmulator,
     Bridge,
     Broker,
+    GooglePubSubEmulator,
     Published,
     PubSubReader,
     bq_distinct_ids,
@@ -43,27 +47,58 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 @dataclass
 class PubSubEndpoint:
     host: str
-    server: PubSubServer | None  # None when an external emulator was given
+    server: PubSubServer | None  # None for Google's emulator
+    name: str
+
+
+BACKEND_USE: Counter[str] = Counter()  # tests per Pub/Sub backend, for the summary
 
 
 @pytest.fixture(scope="session")
-def pubsub_endpoint() -> Iterator[PubSubEndpoint]:
+def google_pubsub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSubEndpoint | None]:
+    """Google's emulator on a free port, or None where it is not installed."""
     external = os.environ.get("PUBSUB_EMULATOR_HOST")
     if external:
-        yield PubSubEndpoint(external, None)
+        yield PubSubEndpoint(external, None, f"the emulator at {external}")
         return
+    if not GooglePubSubEmulator.installed():
+        yield None
+        return
+    emulator = GooglePubSubEmulator(tmp_path_factory.mktemp("pubsub-emulator")).start()
+    yield PubSubEndpoint(emulator.host, None, "Google's Pub/Sub emulator")
+    emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def pubsub_test_server() -> Iterator[PubSubEndpoint]:
     server = PubSubServer().start()
-    os.environ["PUBSUB_EMULATOR_HOST"] = server.host  # the test's own clients use it too
-    yield PubSubEndpoint(server.host, server)
+    yield PubSubEndpoint(server.host, server, "the in-repo Pub/Sub test server")
     server.stop()
-    del os.environ["PUBSUB_EMULATOR_HOST"]
+
+
+@pytest.fixture
+def pubsub_endpoint(request: pytest.FixtureRequest, google_pubsub: PubSubEndpoint | None) -> PubSubEndpoint:
+    """Google's emulator, unless the test injects faults (only the test server can) or it is not installed."""
+    needs_faults = "faults" in request.fixturenames
+    endpoint = google_pubsub if google_pubsub and not needs_faults else request.getfixturevalue("pubsub_test_server")
+    BACKEND_USE[endpoint.name] += 1
+    return endpoint
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if BACKEND_USE:
+        used = ", ".join(f"{name}: {count} tests" for name, count in BACKEND_USE.most_common())
+        terminalreporter.write_line(f"Pub/Sub backends: {used}")
+    if not GooglePubSubEmulator.installed() and not os.environ.get("PUBSUB_EMULATOR_HOST"):
+        terminalreporter.write_line(
+            "Google's Pub/Sub emulator is not installed: every Pub/Sub test ran against the in-repo test server"
+        )
 
 
 @pytest.fixture
 def faults(pubsub_endpoint: PubSubEndpoint) -> Iterator[Faults]:
     """Fault injection on Publish; only the test server has it."""
-    if pubsub_endpoint.server is None:
-        pytest.skip("fault injection needs the test Pub/Sub server, not an external emulator")
+    assert pubsub_endpoint.server is not None
     server = pubsub_endpoint.server
     server.state.faults = Faults()
     yield server.state.faults
@@ -101,7 +136,7 @@ def make_cloud(pubsub_endpoint: PubSubEndpoint, bigquery: BigQueryEmulator) -> C
     }
     config = Config.from_env(env)
     provision(config)
-    reader = PubSubReader(PROJECT, env["PUBSUB_TOPIC"], f"test-sub-{n}")
+    reader = PubSubReader(pubsub_endpoint.host, PROJECT, env["PUBSUB_TOPIC"], f"test-sub-{n}")
     return Cloud(
         env, config, reader, bigquery.client(), f"{PROJECT}.ds_{n}.readings", f"{PROJECT}.ds_{n}.readings_rejected"
     )

@@ -182,6 +182,52 @@ class BigQueryEmulator:
         )
 
 
+# -- Google's Pub/Sub emulator ------------------------------------------------------------------------------
+
+
+class GooglePubSubEmulator:
+    """The Cloud SDK's Pub/Sub emulator (Debian package google-cloud-cli-pubsub-emulator), on a free port."""
+
+    COMMAND = Path("/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator")
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.log = workdir / "pubsub-emulator.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def installed(cls) -> bool:
+        return cls.COMMAND.exists()
+
+    def start(self) -> GooglePubSubEmulator:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(self.COMMAND), "--host=127.0.0.1", f"--port={self.port}"],
+                stdout=log,
+                stderr=log,
+                cwd=self.workdir,
+                start_new_session=True,  # its java child goes with the group on stop
+            )
+        wait_until(
+            lambda: "Server started" in self.log.read_text(errors="replace") or self.process.poll() is not None,
+            90,
+            "Google's Pub/Sub emulator",
+        )
+        assert self.process.poll() is None, self.log.read_text(errors="replace")[-2000:]
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+
+
 # -- The bridge under test ---------------------------------------------------------------------------------
 
 
@@ -350,12 +396,16 @@ def mosquitto_pub(port: int, topic: str, payload: bytes | str, *extra: str) -> s
 
 
 class PubSubReader:
-    """Reads the topic through an ordered subscription with the real SubscriberClient."""
+    """Reads the topic through an ordered subscription, made before anything is published (Google's emulator
+    keeps only what arrives while a subscription exists), with the real SubscriberClient."""
 
-    def __init__(self, project: str, topic: str, name: str) -> None:
+    def __init__(self, host: str, project: str, topic: str, name: str) -> None:
         from google.cloud import pubsub_v1
+        from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
-        self.client = pubsub_v1.SubscriberClient()
+        from fmi_bridge.cloud import emulator_transport
+
+        self.client = pubsub_v1.SubscriberClient(**emulator_transport(host, SubscriberGrpcTransport))
         self.path = self.client.subscription_path(project, name)
         self.client.create_subscription(
             request={"name": self.path, "topic": f"projects/{project}/topics/{topic}", "enable_message_ordering": True}

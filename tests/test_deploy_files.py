@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -179,3 +180,48 @@ def test_dockerfile_is_lint_clean_and_runs_as_non_root() -> None:
     assert 'CMD ["python", "-m", "fmi_bridge.launch"]' in dockerfile
     copied = " ".join(re.findall(r"^COPY (.+)$", dockerfile, re.MULTILINE))
     assert "requirements.txt" in copied and "fmi_bridge/" in copied and "schemas/" in copied
+
+
+CLOUD_SDK = Path("/usr/lib/google-cloud-sdk")
+SDK_PYTHON = CLOUD_SDK / "platform" / "bundledpythonunix" / "bin" / "python3"
+# What `gcloud app deploy` runs first on a service file: the Cloud SDK's own parser, offline.
+PARSE = """
+import json, sys
+from googlecloudsdk.api_lib.app import yaml_parsing
+for path in sys.argv[1:]:
+    try:
+        info = yaml_parsing.ServiceYamlInfo.FromFile(path)
+        print(json.dumps({"path": path, "env": str(info.env), "service": info.module}))
+    except Exception as exc:
+        print(json.dumps({"path": path, "error": type(exc).__name__}))
+"""
+
+
+def gcloud_parse(*paths: Path) -> dict[str, dict[str, str]]:
+    if not SDK_PYTHON.exists():
+        pytest.skip(f"the Cloud SDK is not installed ({SDK_PYTHON} missing)")
+    result = subprocess.run(
+        [str(SDK_PYTHON), "-c", PARSE, *map(str, paths)],
+        env={"PYTHONPATH": f"{CLOUD_SDK / 'lib'}:{CLOUD_SDK / 'lib' / 'third_party'}", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return {Path(answer["path"]).name: answer for answer in answers}
+
+
+def test_gcloud_own_parser_accepts_every_descriptor_as_a_flexible_service() -> None:
+    parsed = gcloud_parse(*(ROOT / name for name in DESCRIPTORS.values()))
+    for name in DESCRIPTORS.values():
+        assert parsed[name] == {"path": str(ROOT / name), "env": "Environment.FLEX", "service": "fmi-mqtt-bridge"}
+
+
+def test_gcloud_own_parser_refuses_what_it_should(tmp_path: Path) -> None:
+    """The parser is a real check: a mistake our own rules let through is refused."""
+    broken = tmp_path / "broken.yml"
+    broken.write_text((ROOT / "prd.yml").read_text().replace("instances: 1", "instances: one"))
+    assert "instances: one" in broken.read_text()
+    assert gcloud_parse(broken)["broken.yml"] == {"path": str(broken), "error": "YamlParseError"}

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import jsonschema
 
+from fmi_bridge.cloud import publisher_client
+from fmi_bridge.config import Config
 from tests.conftest import PROJECT, Cloud, PubSubEndpoint, start_bridge
 from tests.support import (
     ROOT,
@@ -110,9 +112,7 @@ def test_provision_twice_is_harmless_and_builds_the_tables_from_the_schemas(
     assert readings_table.clustering_fields == ["site_code", "pi_tag"]
     rejects_table = client.get_table(f"{PROJECT}.provisioned.readings_rejected")
     assert {"reason", "detail", "payload", "mqtt_topic", "received_at"} <= {f.name for f in rejects_table.schema}
-    from google.cloud import pubsub_v1
-
-    publisher = pubsub_v1.PublisherClient()
+    publisher = publisher_client(Config.from_env(env))
     assert publisher.get_topic(topic=f"projects/{PROJECT}/topics/provisioned").name.endswith("/provisioned")
 
 

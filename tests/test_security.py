@@ -48,8 +48,12 @@ def openssl(*args: str, cwd: Path) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def make_pki(d: Path) -> Pki:
     """A throw-away CA, a broker certificate for localhost, and a password file made with mosquitto_passwd."""
-    d = tmp_path_factory.mktemp("pki")
+    d.mkdir(parents=True, exist_ok=True)
     openssl(
         "req",
         "-x509",
