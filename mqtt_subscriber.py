@@ -6,8 +6,8 @@
     python mqtt_subscriber.py status          what the spool holds per sink, and files moved aside; read only
     python mqtt_subscriber.py spool-import F  take the pending records of spool file F (bridge stopped); safe to repeat
 
-The flow, top to bottom: configuration → spool → senders (one per sink) → intake → MQTT link → health → wait
-for SIGTERM → stop intake, flush within the bound, keep the rest spooled.
+The flow, top to bottom: configuration → spool → MQTT link → senders (one per lane) → intake → loops and health
+→ wait for SIGTERM → stop in order within one deadline, keep the rest spooled.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -32,14 +31,17 @@ from fmi_bridge.health import HealthServer
 from fmi_bridge.inbox import Inbox
 from fmi_bridge.intake import Intake
 from fmi_bridge.logs import setup_logging
+from fmi_bridge.loops import Loops
 from fmi_bridge.metrics import Metrics
 from fmi_bridge.mqtt_link import MqttLink
 from fmi_bridge.provision import provision
 from fmi_bridge.senders import Sender
-from fmi_bridge.sink_bigquery import BigQuerySink
+from fmi_bridge.shutdown import stop_in_order
+from fmi_bridge.sink_bigquery import BigQuerySink, destinations
 from fmi_bridge.sink_pubsub import PubSubSink
 from fmi_bridge.sinks import BIGQUERY, LOG, PUBSUB, LogSink, Sink
 from fmi_bridge.spool import Spool, SpoolError
+from fmi_bridge.stats import StatsReporter
 
 log = logging.getLogger("fmi_bridge")
 
@@ -103,7 +105,8 @@ def spool_import(config: Config, source: str) -> int:
 
 
 def build_sinks(config: Config) -> list[Sink]:
-    """One sink per enabled destination; with none (plain LOCAL) the log sink stands in for both."""
+    """One per lane: Pub/Sub, and a BigQuery lane per table (readings, rejects), so a table that fails holds up
+    no other; with no BigQuery (plain LOCAL) the log sink stands in."""
     sinks: list[Sink] = []
     if config.pubsub_enabled:
         sinks.append(
@@ -116,16 +119,15 @@ def build_sinks(config: Config) -> list[Sink]:
             )
         )
     if config.bigquery_enabled:
-        sinks.append(
-            BigQuerySink(
-                cloud.bigquery_client(config),
-                cloud.table_id(config, config.bigquery_table),
-                cloud.table_id(config, config.bigquery_rejects_table),
-                batch_size=config.bigquery_batch_size,
-                timeout=config.sink_timeout_seconds,
-            )
+        client = cloud.bigquery_client(config)
+        tables = destinations(
+            cloud.table_id(config, config.bigquery_table), cloud.table_id(config, config.bigquery_rejects_table)
         )
-    if not config.bigquery_enabled:
+        sinks += [
+            BigQuerySink(client, table, batch_size=config.bigquery_batch_size, timeout=config.sink_timeout_seconds)
+            for table in tables
+        ]
+    else:
         sinks.append(LogSink())
     return sinks
 
@@ -160,96 +162,57 @@ def run(config: Config) -> int:
     except SpoolError as exc:
         log.error("cannot open the spool; nothing was changed, exiting to be restarted", extra={"error": str(exc)})
         return EXIT_FAULT
-    metrics.watch_spool(spool.stats)
 
-    senders = [Sender(sink, spool, metrics) for sink in sinks]
-    inbox = Inbox()
-    metrics.watch_inbox(inbox.__len__)
+    inbox = Inbox()  # paho's thread → intake, bounded: the link stops reading when it is full
     link = MqttLink(config, metrics, inbox)
-
-    def wake_senders() -> None:
-        for sender in senders:
-            sender.wakeup.set()
-
-    intake = Intake(spool, metrics, inbox, ack=link.ack_later, committed=wake_senders)
+    senders = [Sender(sink, spool, metrics) for sink in sinks]
+    intake = Intake(spool, metrics, inbox, ack=link.ack_later, committed=lambda: wake(senders))
+    sink_bits = {sink.name: sink.bit for sink in sinks}
+    stats = StatsReporter(
+        spool, metrics, sink_bits, interval=config.stats_log_seconds, lag_warn_seconds=config.sink_lag_warn_seconds
+    )
+    metrics.watch_spool(spool.stats)
+    metrics.watch_inbox(inbox.__len__)
+    metrics.watch_owed(lambda: {name: spool.owed(bit) for name, bit in sink_bits.items()}, stats.seconds_to_full)
 
     stopping = _on_sigterm()
-    failed: list[str] = []  # loops that died: the process then stops and exits non-zero, for Supervisor to restart
-
-    def guarded(name: str, loop: Callable[[threading.Event], None], stop: threading.Event) -> threading.Thread:
-        def body() -> None:
-            try:
-                loop(stop)
-            except Exception:  # thread boundary: a dead loop must not leave a half-working bridge
-                log.exception("loop failed; stopping so the process is restarted", extra={"loop": name})
-                failed.append(name)
-                stopping.set()
-
-        return threading.Thread(target=body, name=name, daemon=True)
-
-    stop_intake, stop_link, stop_senders = threading.Event(), threading.Event(), threading.Event()
-    threads = [guarded("intake", intake.run, stop_intake), guarded("mqtt", link.run, stop_link)]
-    threads += [guarded(f"sender-{sender.sink.name}", sender.run, stop_senders) for sender in senders]
-    loops: list[Any] = [intake, link, *senders]
-
-    def liveness() -> str | None:
-        stale_after = max(120.0, 3 * config.sink_timeout_seconds + 30)
-        dead = [t.name for t in threads if not t.is_alive()]
-        stale = [
-            t.name for t, loop in zip(threads, loops, strict=True) if time.monotonic() - loop.heartbeat > stale_after
-        ]
-        return f"loops not running: {', '.join(dead + stale)}" if dead or stale else None
-
-    def readiness() -> str | None:
-        if not link.connected:
-            return "not connected to the MQTT broker"
-        if not link.subscribed:
-            return "not subscribed yet"
-        if intake.full_reason:
-            return f"spool full: {intake.full_reason}"
-        return None if spool.writable() else "spool is not writable"
-
-    health = HealthServer(config.port, liveness=liveness, readiness=readiness, metrics=metrics)
+    loops = Loops(stale_after=max(120.0, 3 * config.sink_timeout_seconds + 30), on_failure=stopping.set)
+    loops.add("intake", intake)
+    loops.add("mqtt", link)
+    for sender in senders:
+        loops.add(f"sender-{sender.sink.lane}", sender)
+    loops.add("stats", stats)
+    health = HealthServer(
+        config.port, liveness=loops.liveness, readiness=lambda: readiness(link, intake, spool), metrics=metrics
+    )
     health.start()
-    for thread in threads:
-        thread.start()
-    log.info("running", extra={"health_port": health.port, "sinks": [sink.name for sink in sinks]})
+    loops.start()
+    log.info("running", extra={"health_port": health.port, "sinks": [sink.lane for sink in sinks]})
 
     stopping.wait()
     log.info(
         "stopping: no new messages are taken; flushing the spool",
-        extra={"flush_seconds": config.shutdown_flush_seconds},
+        extra={"deadline_seconds": config.shutdown_flush_seconds},
     )
-    link.reading = False  # the broker keeps what was not read yet
-    stop_intake.set()
-    threads[0].join(timeout=5)  # spool what was already received, and hand over its acknowledgements
-    stop_link.set()
-    threads[1].join(timeout=5)  # the link sends them, then disconnects
-    _flush(senders, config.shutdown_flush_seconds)
-    stop_senders.set()
-    for thread in threads[2:]:
-        thread.join(timeout=2)
-    for sink in sinks:
-        _bounded(sink.close, seconds=3)
-    left = spool.stats()
-    log.info("stopped", extra={"records_kept_in_spool": left.records, "failed_loops": failed})
+    stop_in_order(config.shutdown_flush_seconds, link=link, loops=loops, senders=senders, sinks=sinks)
+    log.info("stopped", extra={"records_kept_in_spool": spool.stats().records, "failed_loops": loops.failed})
     health.stop()
-    return EXIT_FAULT if failed else 0
+    return EXIT_FAULT if loops.failed else 0
 
 
-def _flush(senders: list[Sender], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and any(sender.pending() for sender in senders):
-        for sender in senders:
-            sender.wakeup.set()
-        time.sleep(0.1)
+def readiness(link: MqttLink, intake: Intake, spool: Spool) -> str | None:
+    if not link.connected:
+        return "not connected to the MQTT broker"
+    if not link.subscribed:
+        return "not subscribed yet"
+    if intake.full_reason:
+        return f"spool full: {intake.full_reason}"
+    return None if spool.writable() else "spool is not writable"
 
 
-def _bounded(action: Callable[[], None], seconds: float) -> None:
-    """Run a close that may block on an unreachable service, without letting it hold up the exit."""
-    thread = threading.Thread(target=action, daemon=True)
-    thread.start()
-    thread.join(timeout=seconds)
+def wake(senders: list[Sender]) -> None:
+    for sender in senders:
+        sender.wakeup.set()
 
 
 def _on_sigterm() -> threading.Event:

@@ -32,7 +32,10 @@ def publisher_client(config: Config) -> Any:
             enable_message_ordering=True,
             retry=Retry(predicate=_RETRYABLE, initial=0.1, maximum=5.0, multiplier=2.0),
         ),
-        **emulator_transport(config.pubsub_emulator_host, PublisherGrpcTransport),
+        **(
+            emulator_transport(config.pubsub_emulator_host, PublisherGrpcTransport)
+            or ({"client_options": {"api_endpoint": config.pubsub_endpoint}} if config.pubsub_endpoint else {})
+        ),
     )
 
 

@@ -73,6 +73,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+MAX_SHUTDOWN_SECONDS = 25.0
+
+
+def _float_between(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = _positive_float(text)
+        if not low <= value <= high:
+            raise ValueError(f"must be from {low:g} to {high:g}")
+        return value
+
+    return parse
+
+
 def _environment(text: str) -> str:
     if text not in ENVIRONMENTS:
         raise ValueError(f"must be one of {', '.join(ENVIRONMENTS)}")
@@ -226,6 +239,12 @@ SETTINGS: tuple[Setting, ...] = (
         "In LOCAL it turns the BigQuery sink on.",
         parse=_url,
     ),
+    Setting(
+        "PUBSUB_ENDPOINT",
+        "Regional Pub/Sub endpoint, e.g. `us-central1-pubsub.googleapis.com:443`: ordering holds only for "
+        "publishes that reach one region. PUBSUB_EMULATOR_HOST wins over it.",
+        parse=_host_port,
+    ),
     Setting("PUBSUB_BATCH_SIZE", "Records one Pub/Sub send round takes from the spool.", "2000", _positive_int),
     Setting(
         "PUBSUB_DEADLETTER_ATTEMPTS",
@@ -242,8 +261,21 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "SHUTDOWN_FLUSH_SECONDS",
-        "On SIGTERM, how long the sinks may keep draining the spool before exit; the rest stays spooled.",
+        "On SIGTERM, the whole stop sequence's deadline (at most 25: Supervisor waits 28 s, App Engine 30 s); "
+        "what the sinks could not take by then stays spooled.",
         "20",
+        _float_between(1, MAX_SHUTDOWN_SECONDS),
+    ),
+    Setting(
+        "SINK_LAG_WARN_SECONDS",
+        "A WARNING line when the oldest record a sink still owes is older than this.",
+        "300",
+        _positive_float,
+    ),
+    Setting(
+        "STATS_LOG_SECONDS",
+        "Every so many seconds one JSON log line `stats`: counts, what each sink owes, spool bytes, time to full.",
+        "60",
         _positive_float,
     ),
     Setting("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", "INFO", _log_level),
@@ -277,11 +309,14 @@ class Config:
     spool_min_free_bytes: int
     pubsub_emulator_host: str | None
     bigquery_emulator_host: str | None
+    pubsub_endpoint: str | None
     pubsub_batch_size: int
     pubsub_deadletter_attempts: int
     bigquery_batch_size: int
     sink_timeout_seconds: float
     shutdown_flush_seconds: float
+    sink_lag_warn_seconds: float
+    stats_log_seconds: float
     log_level: str
 
     @classmethod

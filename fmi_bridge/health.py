@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -16,8 +16,13 @@ log = logging.getLogger(__name__)
 Check = Callable[[], str | None]  # None when healthy, else the reason
 
 
+REQUEST_TIMEOUT_SECONDS = 5.0  # a client that sends nothing, or too slowly, is cut off after this
+
+
 class HealthServer:
-    """A single-threaded server: the probes are tiny, and one thread keeps one spool connection."""
+    """A thread per connection, each with a socket timeout: an idle or slow client never delays another probe
+    (App Engine restarts an instance after a few failed liveness probes). The checks read the spool only on
+    connections of their own, so the short-lived threads leave nothing open."""
 
     def __init__(
         self, port: int, *, liveness: Check, readiness: Check, metrics: Metrics, host: str = "0.0.0.0"
@@ -25,6 +30,8 @@ class HealthServer:
         checks = {"/liveness_check": liveness, "/readiness_check": readiness}
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = REQUEST_TIMEOUT_SECONDS
+
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
@@ -48,7 +55,8 @@ class HealthServer:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's signature)
                 pass  # probes every few seconds would drown the useful lines
 
-        self._server = HTTPServer((host, port), Handler)
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 
     @property

@@ -60,6 +60,7 @@ class Intake:
                 committed = self._commit(entries)
                 if committed:
                     self._ack(group[:committed])
+                    self.metrics.spooled_bytes.inc(sum(e.size for e in entries[:committed]))
                     self._committed()
                 group, entries = group[committed:], entries[committed:]
                 if group and stop.wait(RETRY_SECONDS):

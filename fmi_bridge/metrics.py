@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -30,12 +32,43 @@ class _SpoolCollector(Collector):
         )
 
 
+class _OwedCollector(Collector):
+    """Per sink, what it still owes, read at scrape time; and the spool's time to full at the intake rate."""
+
+    def __init__(self, owed: Callable[[], dict[str, Any]], seconds_to_full: Callable[[], float | None]) -> None:
+        self._owed = owed
+        self._seconds_to_full = seconds_to_full
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        owed = self._owed()
+        families = (
+            ("fmi_bridge_sink_owed_records", "Records a sink still owes", "records"),
+            ("fmi_bridge_sink_owed_bytes", "Record bytes a sink still owes", "bytes"),
+            ("fmi_bridge_sink_oldest_owed_age_seconds", "Age of the oldest record a sink owes", "oldest_age_seconds"),
+        )
+        for name, text, attribute in families:
+            family = GaugeMetricFamily(name, text, labels=["sink"])
+            for sink, figures in owed.items():
+                family.add_metric([sink], getattr(figures, attribute))
+            yield family
+        left = self._seconds_to_full()
+        yield GaugeMetricFamily(
+            "fmi_bridge_spool_seconds_to_full",
+            "Seconds until SPOOL_MAX_BYTES at the last minute's intake rate, nothing delivered meanwhile (+Inf: idle)",
+            value=math.inf if left is None else left,
+        )
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.received = Counter("fmi_bridge_messages_received", "MQTT messages received", registry=r)
         self.accepted = Counter("fmi_bridge_messages_accepted", "Valid readings spooled", registry=r)
+        self.spooled_bytes = Counter("fmi_bridge_spooled_bytes", "Record bytes committed to the spool", registry=r)
+        self.lane_failed = Counter(
+            "fmi_bridge_lane_failed", "Send attempts that failed, by lane (sink/table)", ["lane"], registry=r
+        )
         self.rejected = Counter("fmi_bridge_messages_rejected", "Messages rejected, by reason", ["reason"], registry=r)
         self.sent = Counter("fmi_bridge_sink_sent", "Records a sink confirmed", ["sink"], registry=r)
         self.failed = Counter("fmi_bridge_sink_failed", "Send attempts that failed", ["sink"], registry=r)
@@ -63,6 +96,18 @@ class Metrics:
         self.logs_suppressed = Counter(
             "fmi_bridge_log_lines_suppressed", "Log lines dropped by rate limiting", registry=r
         )
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of a metric's samples with these labels (all of them when none are given)."""
+        return sum(
+            sample.value
+            for family in self.registry.collect()
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
+
+    def watch_owed(self, owed: Callable[[], dict[str, Any]], seconds_to_full: Callable[[], float | None]) -> None:
+        self.registry.register(_OwedCollector(owed, seconds_to_full))
 
     def watch_inbox(self, depth: Callable[[], int]) -> None:
         Gauge(

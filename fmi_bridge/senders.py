@@ -1,4 +1,5 @@
-"""One sender per sink: drains the spool at its own pace, with its own retries, so one sink down never stops another."""
+"""One sender per lane (a sink, or one destination table of a sink): drains the spool at its own pace, with its
+own retries, so one sink or table down never stops another."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class Sender:
         self._error_log = RateLimiter(per_second=0.2, burst=3)
         # What the sink confirmed but the spool has not recorded yet (e.g. disk full): settled before anything
         # else, and never sent again meanwhile.
-        self._owed = WriteResult()
+        self._unsettled = WriteResult()
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -36,8 +37,9 @@ class Sender:
             try:
                 progressed = self._round()
             except Exception:  # thread boundary: log, count, keep the loop alive
-                log.exception("sender round failed", extra={"sink": self.sink.name})
+                log.exception("sender round failed", extra={"sink": self.sink.lane})
                 self.metrics.failed.labels(self.sink.name).inc()
+                self.metrics.lane_failed.labels(self.sink.lane).inc()
                 progressed = False
             if progressed is None:
                 self.wakeup.wait(IDLE_POLL_SECONDS)
@@ -51,9 +53,9 @@ class Sender:
         """None when there was nothing to send, else whether anything left the spool."""
         late = self.sink.confirmed_late()
         if late:
-            self._owed.done.extend(late)
+            self._unsettled.done.extend(late)
             self.metrics.sent.labels(self.sink.name).inc(len(late))
-        if not self._settle_owed():
+        if not self._settle_unsettled():
             return False
         batch = self.sink.next_batch(self.spool)
         if not batch:
@@ -62,23 +64,23 @@ class Sender:
         try:
             result = self.sink.write(batch)
         except Exception as exc:  # a sink fault must not lose the batch: it stays in the spool
-            log.exception("sink write failed", extra={"sink": self.sink.name})
+            log.exception("sink write failed", extra={"sink": self.sink.lane})
             result = WriteResult(retry=[record.id for record in batch], error=str(exc))
         self.metrics.send_seconds.labels(self.sink.name).observe(time.monotonic() - started)
-        self._owed = WriteResult(done=list(result.done), dead_letters=list(result.dead_letters))
+        self._unsettled = WriteResult(done=list(result.done), dead_letters=list(result.dead_letters))
         self._count(result)
-        return self._settle_owed() and bool(result.done or result.dead_letters)
+        return self._settle_unsettled() and bool(result.done or result.dead_letters)
 
-    def _settle_owed(self) -> bool:
-        if not (self._owed.done or self._owed.dead_letters):
+    def _settle_unsettled(self) -> bool:
+        if not (self._unsettled.done or self._unsettled.dead_letters):
             return True
         try:
-            self.spool.settle(self.sink.bit, self._owed.done, self._owed.dead_letters)
+            self.spool.settle(self.sink.bit, self._unsettled.done, self._unsettled.dead_letters)
         except SpoolError as exc:
             self.metrics.failed.labels(self.sink.name).inc()
             self._warn("cannot record confirmed records in the spool; they are kept, not sent again", str(exc), 0)
             return False
-        self._owed = WriteResult()
+        self._unsettled = WriteResult()
         return True
 
     def _count(self, result: WriteResult) -> None:
@@ -87,6 +89,7 @@ class Sender:
         self.metrics.dead_lettered.labels(name).inc(len(result.dead_letters))
         if result.retry:
             self.metrics.failed.labels(name).inc()
+            self.metrics.lane_failed.labels(self.sink.lane).inc()
             self.metrics.retried.labels(name).inc(len(result.retry))
             self._warn(
                 "sink did not take every record; they stay in the spool and are sent again",
@@ -95,12 +98,13 @@ class Sender:
             )
 
     def _warn(self, message: str, error: str | None, records: int) -> None:
-        allowed, held_back = self._error_log.allow(self.sink.name)
+        allowed, held_back = self._error_log.allow(self.sink.lane)
         if allowed:
             log.warning(
                 message,
-                extra={"sink": self.sink.name, "records": records, "error": error, "suppressed_since_last": held_back},
+                extra={"sink": self.sink.lane, "records": records, "error": error, "suppressed_since_last": held_back},
             )
 
-    def pending(self) -> int:
-        return self.spool.count_pending(self.sink.bit)
+    def owed(self) -> int:
+        """Records this lane still has to send or to settle."""
+        return self.sink.owed(self.spool)

@@ -1,16 +1,20 @@
-"""BigQuery sink: readings and rejects by streaming insert, insertId = event_id / reject_id.
+"""BigQuery sink: one lane per destination table (readings, rejects), by streaming insert with insertId =
+event_id / reject_id. Each lane has its own sender, so a table that keeps failing never holds up the other.
 
 Rules:
 - Whole-request faults (network, 5xx, timeouts, missing table or permission) leave the batch in the spool.
-- Per-row errors: the row that BigQuery refused is moved to the rejects table with the error
-  (reason `bigquery_rejected`); the other rows are inserted. A rejects-table row that is itself refused is
-  logged in full at ERROR and let go: retrying it could never succeed.
-- A 400 for a whole request is narrowed down by inserting its rows one at a time.
+- Batches are bounded by rows and by bytes, under insertAll's 10 MB request limit with room for the JSON
+  around each row. A 400 for a whole request is narrowed down by halving, not row by row.
+- Per-row errors: a row BigQuery calls `invalid` is refused for good. A refused reading moves to the rejects
+  table with the error (reason `bigquery_rejected`); a refused rejects-table row is logged in full at ERROR and
+  let go (retrying could never succeed). Any other per-row reason (`backendError`, `timeout`, `stopped`, ...)
+  is transient: the row stays in the spool and is sent again.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from google.api_core import exceptions as api_exceptions
@@ -18,11 +22,32 @@ from google.api_core.retry import Retry
 
 from fmi_bridge.events import dead_letter_row
 from fmi_bridge.sinks import BIGQUERY, WriteResult
-from fmi_bridge.spool import READING, Record, Spool
+from fmi_bridge.spool import READING, REJECT, Record, Spool
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_REASON = "bigquery_rejected"
+# insertAll takes at most 10 MB a request; each row travels as {"insertId": ..., "json": row} plus separators.
+REQUEST_BYTES = 10_000_000
+ROW_OVERHEAD_BYTES = 100
+PERMANENT_ROW_REASONS = frozenset({"invalid"})
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A lane: the records of one kind and the table they go to."""
+
+    kind: str
+    table: str
+    id_key: str
+
+    @property
+    def lane(self) -> str:
+        return "readings" if self.kind == READING else "rejects"
+
+
+def destinations(readings_table: str, rejects_table: str) -> tuple[Destination, Destination]:
+    return Destination(READING, readings_table, "event_id"), Destination(REJECT, rejects_table, "reject_id")
 
 
 class _TransientError(Exception):
@@ -33,12 +58,10 @@ class BigQuerySink:
     name = "bigquery"
     bit = BIGQUERY
 
-    def __init__(
-        self, client: Any, readings_table: str, rejects_table: str, *, batch_size: int, timeout: float
-    ) -> None:
+    def __init__(self, client: Any, destination: Destination, *, batch_size: int, timeout: float) -> None:
         self.client = client
-        self.readings_table = readings_table
-        self.rejects_table = rejects_table
+        self.destination = destination
+        self.lane = f"{self.name}/{destination.lane}"
         self.batch_size = batch_size
         self.timeout = timeout
         # Our own retry loop lives in the sender; the client only smooths over short blips.
@@ -48,44 +71,47 @@ class BigQuerySink:
         return []  # inserts are synchronous: every outcome is known within its round
 
     def next_batch(self, spool: Spool) -> list[Record]:
-        return spool.pending(self.bit, self.batch_size)
+        return spool.pending(
+            self.bit,
+            self.batch_size,
+            kind=self.destination.kind,
+            max_bytes=REQUEST_BYTES - self.batch_size * ROW_OVERHEAD_BYTES,
+        )
+
+    def owed(self, spool: Spool) -> int:
+        return spool.count_pending(self.bit, self.destination.kind)
 
     def write(self, records: list[Record]) -> WriteResult:
         result = WriteResult()
-        readings = [record for record in records if record.kind == READING]
-        rejects = [record for record in records if record.kind != READING]
-        for table, group, id_key in (
-            (self.readings_table, readings, "event_id"),
-            (self.rejects_table, rejects, "reject_id"),
-        ):
-            if not group:
-                continue
-            try:
-                refused = self._insert(table, group, id_key)
-            except _TransientError as exc:
-                result.retry.extend(record.id for record in group)
-                result.error = str(exc)
-                continue
-            for record in group:
-                error = refused.get(record.id)
-                if error is None:
-                    result.done.append(record.id)
-                elif record.kind == READING:
-                    log.error(
-                        "reading refused by BigQuery; moved to the rejects table",
-                        extra={"event_id": record.row.get("event_id"), "detail": error},
-                    )
-                    result.dead_letters.append((record.id, dead_letter_row(record.row, DEAD_LETTER_REASON, error)))
-                else:
-                    log.error(
-                        "rejects-table row refused by BigQuery; it is kept only in this log line",
-                        extra={"row": record.row, "detail": error},
-                    )
-                    result.done.append(record.id)
+        try:
+            refused = self._insert(records)
+        except _TransientError as exc:
+            return WriteResult(retry=[record.id for record in records], error=str(exc))
+        for record in records:
+            outcome = refused.get(record.id)
+            if outcome is None:
+                result.done.append(record.id)
+            elif not outcome[0]:
+                result.retry.append(record.id)
+                result.error = f"BigQuery asked for a row to be sent again: {outcome[1]}"
+            elif record.kind == READING:
+                log.error(
+                    "reading refused by BigQuery; moved to the rejects table",
+                    extra={"event_id": record.row.get("event_id"), "detail": outcome[1]},
+                )
+                result.dead_letters.append((record.id, dead_letter_row(record.row, DEAD_LETTER_REASON, outcome[1])))
+            else:
+                log.error(
+                    "rejects-table row refused by BigQuery; it is kept only in this log line",
+                    extra={"row": record.row, "detail": outcome[1]},
+                )
+                result.done.append(record.id)
         return result
 
-    def _insert(self, table: str, group: list[Record], id_key: str) -> dict[int, str]:
-        """Insert rows; return the refused ones {record id: error}. Raise _TransientError to retry all later."""
+    def _insert(self, group: list[Record]) -> dict[int, tuple[bool, str]]:
+        """Insert rows; return the refused ones {record id: (for good?, error)}. Raise _TransientError to retry
+        the whole group later."""
+        table, id_key = self.destination.table, self.destination.id_key
         try:
             errors = self.client.insert_rows_json(
                 table,
@@ -97,18 +123,18 @@ class BigQuerySink:
             )
         except api_exceptions.BadRequest as exc:
             if len(group) == 1:
-                return {group[0].id: f"{exc.code}: {exc.message}"}
-            refused: dict[int, str] = {}
-            for record in group:
-                refused.update(self._insert(table, [record], id_key))
-            return refused
+                return {group[0].id: (True, f"{exc.code}: {exc.message}")}
+            half = len(group) // 2
+            return {**self._insert(group[:half]), **self._insert(group[half:])}
         except Exception as exc:  # network, 5xx, timeouts, 403/404: all worth another try later
             raise _TransientError(f"insert into {table} failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
-        return {group[entry["index"]].id: _describe(entry.get("errors", [])) for entry in errors}
+        return {group[entry["index"]].id: _classify(entry.get("errors", [])) for entry in errors}
 
     def close(self) -> None:
         self.client.close()
 
 
-def _describe(errors: list[dict[str, Any]]) -> str:
-    return "; ".join(f"{e.get('reason', 'error')}: {e.get('message', '')}" for e in errors) or "refused"
+def _classify(errors: list[dict[str, Any]]) -> tuple[bool, str]:
+    """(refused for good?, the errors as text): for good only when BigQuery says the row itself is invalid."""
+    text = "; ".join(f"{e.get('reason', 'error')}: {e.get('message', '')}" for e in errors) or "refused"
+    return any(e.get("reason") in PERMANENT_ROW_REASONS for e in errors), text

@@ -31,7 +31,7 @@ DEAD_LETTER_REASON = "pubsub_rejected"
 
 
 class PubSubSink:
-    name = "pubsub"
+    name = lane = "pubsub"
     bit = PUBSUB
 
     def __init__(
@@ -48,6 +48,9 @@ class PubSubSink:
         # site -> (record id, publish future) still running in the client after its round timed out
         self._unsettled: dict[str, list[tuple[int, Any]]] = {}
         self._to_resume: set[str] = set()
+
+    def owed(self, spool: Spool) -> int:
+        return spool.count_pending(self.bit)
 
     # -- choosing what to send ---------------------------------------------------------------------------
 

@@ -28,8 +28,13 @@ class WriteResult:
 
 
 class Sink(Protocol):
-    name: str
+    name: str  # the sink, as metrics label it
+    lane: str  # what this sender drains: the sink, or one of its destination tables
     bit: int
+
+    def owed(self, spool: Spool) -> int:
+        """Records this lane still has to send."""
+        ...
 
     def confirmed_late(self) -> list[int]:
         """Records confirmed after their round ended (to settle before choosing the next batch)."""
@@ -45,11 +50,14 @@ class Sink(Protocol):
 class LogSink:
     """LOCAL without emulators: each event is logged, nothing leaves the machine."""
 
-    name = "log"
+    name = lane = "log"
     bit = LOG
 
     def __init__(self, batch_size: int = 500) -> None:
         self.batch_size = batch_size
+
+    def owed(self, spool: Spool) -> int:
+        return spool.count_pending(self.bit)
 
     def confirmed_late(self) -> list[int]:
         return []

@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ BUSY_SECONDS = 30.0  # intake and senders take turns at the writer lock
 OPEN_BUSY_SECONDS = 5.0  # at start a lock held elsewhere is a fault to report, not a wait
 # Only these mean the file itself is damaged; busy, locked, full, I/O and permission errors do not.
 _CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+KNOWN_BITS = (1, 2, 4)  # every sink bit a spool may hold records for (sinks.PUBSUB, BIGQUERY, LOG)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -95,6 +96,15 @@ class SpoolStats:
     oldest_age_seconds: float
 
 
+@dataclass(frozen=True)
+class Owed:
+    """What one sink still owes: records, their bytes, and the oldest one's age."""
+
+    records: int
+    bytes: int
+    oldest_age_seconds: float
+
+
 class Spool:
     def __init__(
         self, directory: Path, *, max_bytes: int, min_free_bytes: int, reading_bits: int, reject_bits: int
@@ -109,6 +119,7 @@ class Spool:
         self._lock = threading.Lock()
         self._records = 0
         self._bytes = 0
+        self._owed: dict[int, list[int]] = {}  # bit -> [records, bytes] that sink still owes
         self._owner = _lock_exclusively(directory / LOCK_FILE)
         try:
             self._open()
@@ -165,8 +176,16 @@ class Spool:
         conn.executescript(_SCHEMA)
         for bit in _bits(self.reading_bits | self.reject_bits):
             conn.execute(f"CREATE INDEX IF NOT EXISTS pending_{bit} ON records(id) WHERE pending & {bit}")
+        for bit in _bits(self.reading_bits & self.reject_bits):
+            # A sink that takes both kinds drains them in lanes of their own: one per kind.
+            conn.execute(f"CREATE INDEX IF NOT EXISTS pending_{bit}_kind ON records(kind, id) WHERE pending & {bit}")
         count, size = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM records").fetchone()
         self._records, self._bytes = count, size
+        for bit in KNOWN_BITS:
+            owed = conn.execute(
+                f"SELECT count(*), coalesce(sum(size), 0) FROM records WHERE pending & {bit}"
+            ).fetchone()
+            self._owed[bit] = list(owed)
 
     def _connection(self, synchronous: str = "NORMAL", busy_seconds: float = 0.0) -> sqlite3.Connection:
         """This thread's connection; the first call in a thread sets its durability for good."""
@@ -258,7 +277,7 @@ class Spool:
             if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
                 raise SpoolFullError(f"disk full: {exc}") from exc
             raise SpoolError(f"spool write failed: {_describe(exc)}") from exc
-        self._count(len(rows), sum(row[3] for row in rows))
+        self._count(len(rows), sum(row[3] for row in rows), _owed_by_rows((row[4], row[3]) for row in rows))
         return len(rows)
 
     def _rows(self, entries: Iterable[Entry]) -> list[tuple[str, str | None, str, int, int, float]]:
@@ -273,11 +292,15 @@ class Spool:
             "INSERT INTO records (kind, site_code, body, size, pending, created_at) VALUES (?, ?, ?, ?, ?, ?)", rows
         )
 
-    def _count(self, records: int, size: int) -> None:
+    def _count(self, records: int, size: int, owed: dict[int, tuple[int, int]]) -> None:
         """Move the shared counters, after a commit only."""
         with self._lock:
             self._records += records
             self._bytes += size
+            for bit, (count, owed_bytes) in owed.items():
+                now = self._owed.setdefault(bit, [0, 0])
+                now[0] += count
+                now[1] += owed_bytes
 
     def import_records(self, rows: Sequence[tuple[Any, ...]], fingerprint: str, source: str) -> bool:
         """Take (id, kind, site_code, body, size, pending, created_at) rows of another spool ahead of the records
@@ -297,22 +320,41 @@ class Spool:
                 [(first + index, *row[1:]) for index, row in enumerate(rows)],
             )
             conn.execute("INSERT INTO imports VALUES (?, ?, ?, ?)", (fingerprint, source, len(rows), time.time()))
-        self._count(len(rows), size)
+        self._count(len(rows), size, _owed_by_rows((row[5], row[4]) for row in rows))
         return True
 
     # -- senders --------------------------------------------------------------------------------------------
 
-    def pending(self, bit: int, limit: int, exclude_sites: Iterable[str] = ()) -> list[Record]:
-        """Oldest records still waiting for the sink with this bit, in spool order."""
+    def pending(
+        self,
+        bit: int,
+        limit: int,
+        exclude_sites: Iterable[str] = (),
+        *,
+        kind: str | None = None,
+        max_bytes: int | None = None,
+    ) -> list[Record]:
+        """Oldest records still waiting for the sink with this bit (of one kind, if given), in spool order; at
+        most `limit` records and, past the first, at most `max_bytes` of them."""
         excluded = sorted(set(exclude_sites))
-        sql = f"SELECT id, kind, site_code, body FROM records WHERE pending & {int(bit)}"
+        sql = f"SELECT id, kind, site_code, body, size FROM records WHERE pending & {int(bit)}"
         params: list[Any] = []
+        if kind is not None:
+            sql += " AND kind = ?"
+            params.append(kind)
         if excluded:
             sql += " AND (site_code IS NULL OR site_code NOT IN (SELECT value FROM json_each(?)))"
             params.append(json.dumps(excluded))
         sql += " ORDER BY id LIMIT ?"
         params.append(limit)
-        return [_record(row) for row in self._connection().execute(sql, params)]
+        records: list[Record] = []
+        total = 0
+        for row in self._connection().execute(sql, params):
+            total += row[4]
+            if records and max_bytes is not None and total > max_bytes:
+                break
+            records.append(_record(row))
+        return records
 
     def first_pending_for_site(self, bit: int, site_code: str) -> Record | None:
         row = (
@@ -326,8 +368,11 @@ class Spool:
         )
         return _record(row) if row else None
 
-    def count_pending(self, bit: int) -> int:
-        return int(self._connection().execute(f"SELECT count(*) FROM records WHERE pending & {int(bit)}").fetchone()[0])
+    def count_pending(self, bit: int, kind: str | None = None) -> int:
+        sql = f"SELECT count(*) FROM records WHERE pending & {int(bit)}"
+        if kind is None:
+            return int(self._observe(sql)[0])
+        return int(self._observe(sql + " AND kind = ?", (kind,))[0])
 
     def settle(self, bit: int, done: Sequence[int], dead_letters: Sequence[tuple[int, dict[str, Any]]] = ()) -> None:
         """The sink confirmed `done`, and refused `dead_letters` for good (each becomes a reject record).
@@ -354,23 +399,42 @@ class Spool:
         with _transaction(conn):
             # No room check: a dead letter replaces the reading it came from.
             self._insert(conn, rejects)
-            conn.execute(
-                f"UPDATE records SET pending = pending & ~{int(bit)} WHERE id IN (SELECT value FROM json_each(?))",
+            cleared = conn.execute(
+                f"UPDATE records SET pending = pending & ~{int(bit)} "
+                f"WHERE pending & {int(bit)} AND id IN (SELECT value FROM json_each(?)) RETURNING size",
                 (json.dumps(ids),),
-            )
+            ).fetchall()
             removed = conn.execute(
                 "DELETE FROM records WHERE pending = 0 AND id IN (SELECT value FROM json_each(?)) RETURNING size",
                 (json.dumps(ids),),
             ).fetchall()
-        self._count(len(rejects) - len(removed), sum(row[3] for row in rejects) - sum(size for (size,) in removed))
+        owed = _owed_by_rows((row[4], row[3]) for row in rejects)
+        count, cleared_bytes = owed.get(bit, (0, 0))
+        owed[bit] = (count - len(cleared), cleared_bytes - sum(size for (size,) in cleared))
+        self._count(
+            len(rejects) - len(removed), sum(row[3] for row in rejects) - sum(size for (size,) in removed), owed
+        )
 
     # -- observation ----------------------------------------------------------------------------------------
 
+    def _observe(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """One read on a connection of its own, closed at once: safe from any thread (health, metrics, stats),
+        and no connection left behind by a short-lived thread."""
+        with closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)) as conn:
+            return conn.execute(sql, params).fetchone()
+
     def stats(self) -> SpoolStats:
-        row = self._connection().execute("SELECT created_at FROM records ORDER BY id LIMIT 1").fetchone()
-        age = max(0.0, time.time() - row[0]) if row else 0.0
+        row = self._observe("SELECT min(created_at) FROM records")
+        age = max(0.0, time.time() - row[0]) if row and row[0] is not None else 0.0
         with self._lock:
             return SpoolStats(self._records, self._bytes, age)
+
+    def owed(self, bit: int) -> Owed:
+        row = self._observe(f"SELECT min(created_at) FROM records WHERE pending & {int(bit)}")
+        age = max(0.0, time.time() - row[0]) if row and row[0] is not None else 0.0
+        with self._lock:
+            count, size = self._owed.get(bit, (0, 0))
+        return Owed(count, size, age)
 
     def writable(self) -> bool:
         return os.access(self.directory, os.W_OK) and self.room_problem() is None
@@ -425,8 +489,18 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-def _record(row: tuple[int, str, str | None, str]) -> Record:
+def _record(row: tuple[Any, ...]) -> Record:
     return Record(row[0], row[1], row[2], json.loads(row[3]))
+
+
+def _owed_by_rows(bits_and_sizes: Iterable[tuple[int, int]]) -> dict[int, tuple[int, int]]:
+    """Per sink bit: how many records, and their bytes, these (pending bits, size) pairs add."""
+    owed: dict[int, tuple[int, int]] = {}
+    for bits, size in bits_and_sizes:
+        for bit in _bits(bits):
+            count, total = owed.get(bit, (0, 0))
+            owed[bit] = (count + 1, total + size)
+    return owed
 
 
 def _bits(mask: int) -> list[int]:

@@ -1,0 +1,105 @@
+"""The outage budget, in numbers: what each sink still owes, how old its oldest record is, and how long the spool
+lasts at the current intake rate. Every STATS_LOG_SECONDS one JSON line `stats` (App Engine flexible does not
+scrape /metrics, but Cloud Logging can chart and alert on log fields); a WARNING when a sink's oldest owed record
+is older than SINK_LAG_WARN_SECONDS.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from fmi_bridge.metrics import Metrics
+from fmi_bridge.spool import Spool
+
+log = logging.getLogger(__name__)
+
+SAMPLE_SECONDS = 5.0
+RATE_WINDOW_SECONDS = 60.0
+
+
+class StatsReporter:
+    def __init__(
+        self, spool: Spool, metrics: Metrics, sinks: dict[str, int], *, interval: float, lag_warn_seconds: float
+    ) -> None:
+        self.spool = spool
+        self.metrics = metrics
+        self.sinks = sinks  # sink name -> its spool bit
+        self.interval = interval
+        self.lag_warn_seconds = lag_warn_seconds
+        self.heartbeat = time.monotonic()
+        self._samples: deque[tuple[float, float]] = deque()  # (monotonic time, bytes spooled so far)
+        self._lagging: set[str] = set()
+
+    def run(self, stop: threading.Event) -> None:
+        next_line = time.monotonic() + self.interval
+        while not stop.wait(min(SAMPLE_SECONDS, self.interval)):
+            self.heartbeat = time.monotonic()
+            self._sample()
+            self._warn_on_lag()
+            if time.monotonic() >= next_line:
+                log.info("stats", extra=self.summary())
+                next_line += self.interval
+        self.heartbeat = time.monotonic()
+
+    def _sample(self) -> None:
+        now = time.monotonic()
+        self._samples.append((now, self.metrics.total("fmi_bridge_spooled_bytes_total")))
+        while len(self._samples) > 2 and now - self._samples[0][0] > RATE_WINDOW_SECONDS:
+            self._samples.popleft()
+
+    def intake_bytes_per_second(self) -> float:
+        if len(self._samples) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = self._samples[0], self._samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def seconds_to_full(self) -> float | None:
+        """At the current intake rate, with nothing delivered meanwhile (a sink down): when SPOOL_MAX_BYTES is
+        reached. None while nothing comes in."""
+        rate = self.intake_bytes_per_second()
+        if rate <= 0:
+            return None
+        return max(0.0, (self.spool.max_bytes - self.spool.stats().bytes) / rate)
+
+    def _warn_on_lag(self) -> None:
+        for name, bit in self.sinks.items():
+            owed = self.spool.owed(bit)
+            lagging = owed.oldest_age_seconds > self.lag_warn_seconds
+            if lagging and name not in self._lagging:
+                left = self.seconds_to_full()
+                log.warning(
+                    "sink is falling behind: its oldest record waits longer than SINK_LAG_WARN_SECONDS",
+                    extra={
+                        "sink": name,
+                        "oldest_age_seconds": round(owed.oldest_age_seconds, 1),
+                        "owed_records": owed.records,
+                        "owed_bytes": owed.bytes,
+                        "spool_seconds_to_full": None if left is None else round(left),
+                    },
+                )
+            if not lagging and name in self._lagging:
+                log.info("sink caught up", extra={"sink": name, "owed_records": owed.records})
+            self._lagging = (self._lagging | {name}) if lagging else (self._lagging - {name})
+
+    def summary(self) -> dict[str, Any]:
+        """The fields of the `stats` line; deploy/ alerting reads them by these names."""
+        metrics, stats = self.metrics, self.spool.stats()
+        left = self.seconds_to_full()
+        owed = {name: self.spool.owed(bit) for name, bit in self.sinks.items()}
+        return {
+            "received": int(metrics.total("fmi_bridge_messages_received_total")),
+            "accepted": int(metrics.total("fmi_bridge_messages_accepted_total")),
+            "rejected": int(metrics.total("fmi_bridge_messages_rejected_total")),
+            "sent": {name: int(metrics.total("fmi_bridge_sink_sent_total", sink=name)) for name in self.sinks},
+            "owed_records": {name: o.records for name, o in owed.items()},
+            "owed_bytes": {name: o.bytes for name, o in owed.items()},
+            "oldest_owed_age_seconds": {name: round(o.oldest_age_seconds, 1) for name, o in owed.items()},
+            "spool_records": stats.records,
+            "spool_bytes": stats.bytes,
+            "spool_max_bytes": self.spool.max_bytes,
+            "spool_seconds_to_full": None if left is None else round(left),
+        }
