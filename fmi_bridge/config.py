@@ -73,17 +73,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-MAX_SHUTDOWN_SECONDS = 25.0
-
-
-def _float_between(low: float, high: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = _positive_float(text)
-        if not low <= value <= high:
-            raise ValueError(f"must be from {low:g} to {high:g}")
-        return value
-
-    return parse
+MAX_SHUTDOWN_SECONDS = 25
 
 
 def _environment(text: str) -> str:
@@ -92,14 +82,14 @@ def _environment(text: str) -> str:
     return text
 
 
-def _int_between(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = _int(text)
+def _between(parse: Callable[[str], Any], low: float, high: float) -> Callable[[str], Any]:
+    def bounded(text: str) -> Any:
+        value = parse(text)
         if not low <= value <= high:
             raise ValueError(f"must be from {low} to {high}")
         return value
 
-    return parse
+    return bounded
 
 
 MAX_TOPIC_BYTES = 65535  # an MQTT UTF-8 string
@@ -195,18 +185,18 @@ SETTINGS: tuple[Setting, ...] = (
         "Client id of the persistent session; stable across restarts, unique per instance; "
         "default `fmi-mqtt-bridge-<app_env>`.",
     ),
-    Setting("MQTT_KEEPALIVE", "MQTT keep-alive, seconds (1 to 65535).", "30", _int_between(1, 65535)),
+    Setting("MQTT_KEEPALIVE", "MQTT keep-alive, seconds (1 to 65535).", "30", _between(_int, 1, 65535)),
     Setting(
         "MQTT_SESSION_EXPIRY",
         "Seconds the broker keeps the session (and queues readings) while the bridge is away (0 to 4294967295).",
         "604800",
-        _int_between(0, 2**32 - 1),
+        _between(_int, 0, 2**32 - 1),
     ),
     Setting(
         "MQTT_RECEIVE_MAXIMUM",
         "Un-acknowledged QoS 1 messages the broker may have in flight to the bridge (1 to 65535).",
         "1000",
-        _int_between(1, 65535),
+        _between(_int, 1, 65535),
     ),
     Setting("MQTT_USERNAME", "MQTT user name (required in PRD)."),
     Setting("MQTT_PASSWORD", "MQTT password (required in PRD unless MQTT_PASSWORD_FILE is set).", secret=True),
@@ -264,7 +254,7 @@ SETTINGS: tuple[Setting, ...] = (
         "On SIGTERM, the whole stop sequence's deadline (at most 25: Supervisor waits 28 s, App Engine 30 s); "
         "what the sinks could not take by then stays spooled.",
         "20",
-        _float_between(1, MAX_SHUTDOWN_SECONDS),
+        _between(_positive_float, 1, MAX_SHUTDOWN_SECONDS),
     ),
     Setting(
         "SINK_LAG_WARN_SECONDS",

@@ -12,6 +12,7 @@ import pytest
 
 from fmi_bridge.config import SETTINGS, Config, ConfigError, markdown_table
 from fmi_bridge.launch import LAUNCH_SETTINGS
+from tests.test_security import make_pki
 from tools.readme_tables import render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,31 +83,8 @@ def test_bad_configuration_stops_the_daemon_too() -> None:
 
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real self-signed certificate with its key beside it (ca.key)."""
-    folder = tmp_path_factory.mktemp("ca")
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=config",
-        ],
-        cwd=folder,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return folder / "ca.pem"
+    """A real self-signed CA certificate, its key beside it (ca.key)."""
+    return make_pki(tmp_path_factory.mktemp("pki")).ca
 
 
 def test_session_expiry_0_is_allowed() -> None:
@@ -212,3 +190,34 @@ def test_a_cloud_environment_without_google_credentials_stops_with_one_line(tmp_
     assert result.returncode == 2
     assert result.stderr.startswith("configuration error: no Google credentials for APP_ENV=DEV")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_pubsub_endpoint_reaches_the_client_and_the_emulator_wins(
+    tmp_path: Path, ca: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A regional endpoint keeps a site's ordered publishes in one region; tests still go to the emulator."""
+    from fmi_bridge.cloud import publisher_client
+
+    key = ca.with_name("ca.key").read_text()
+    credentials = tmp_path / "service-account.json"
+    credentials.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": "p",
+                "private_key_id": "k",
+                "private_key": key,
+                "client_email": "bridge@p.iam.gserviceaccount.com",
+                "client_id": "1",
+                "token_uri": "https://oauth2.googleapis.com/token",
+            }
+        )
+    )
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(credentials))  # builds the client; nothing is sent
+    regional = {"APP_ENV": "DEV", **CLOUD, "PUBSUB_ENDPOINT": "us-central1-pubsub.googleapis.com:443"}
+
+    assert publisher_client(Config.from_env(regional)).api_endpoint == "us-central1-pubsub.googleapis.com:443"
+    assert publisher_client(Config.from_env({"APP_ENV": "DEV", **CLOUD})).api_endpoint == "pubsub.googleapis.com"
+    with_emulator = Config.from_env({**regional, "PUBSUB_EMULATOR_HOST": "127.0.0.1:8085"})
+    assert publisher_client(with_emulator).api_endpoint != "us-central1-pubsub.googleapis.com:443"
+    assert run({**regional, "PUBSUB_ENDPOINT": "us-central1-pubsub.googleapis.com"}, "check-config").returncode == 2

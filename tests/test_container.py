@@ -137,3 +137,17 @@ def test_sigterm_stops_everything_cleanly(container: Container) -> None:
     output = container.output()
     assert '"message": "stopped"' in output
     assert "stopped: subscriber (exit status 0)" in output
+
+
+def test_broker_log_lines_reach_the_container_log_at_once(container: Container) -> None:
+    """Mosquitto buffers stdout on a pipe (lines held back until about 4 KiB); it logs to stderr, unbuffered."""
+    wait_until(container.ready, 60, "readiness")
+    client_id = f"log-probe-{time.monotonic_ns()}"
+
+    sent = time.monotonic()
+    assert (
+        mosquitto_pub(container.mqtt_port, "FCTS/FAE/MOR/SolvExtract/PI.FT3", READING, "-i", client_id).returncode == 0
+    )
+
+    wait_until(lambda: f"as {client_id}" in container.output(), 5, "the broker's connection line", interval=0.02)
+    assert time.monotonic() - sent < 1.0

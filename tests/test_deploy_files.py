@@ -105,6 +105,8 @@ def test_descriptor_follows_app_engine_flexible_rules(app_env: str) -> None:
     known |= {f"{name}_SECRET" for name in SECRET_FILE_VARIABLES}
     assert set(variables) <= known, set(variables) - known
     assert variables["GCP_PROJECT_ID"] in app["service_account"]
+    # Ordering holds only within one region: every environment publishes to a regional endpoint.
+    assert re.fullmatch(r"[a-z]+-[a-z]+\d-pubsub\.googleapis\.com:443", variables["PUBSUB_ENDPOINT"])
 
 
 def test_production_is_larger_and_secured() -> None:

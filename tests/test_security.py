@@ -125,22 +125,30 @@ def test_prd_broker_refuses_anonymous_and_plain_tcp_clients(prd_broker: Broker, 
     assert connack(prd_broker.port, BRIDGE_USER, BRIDGE_PASSWORD, tls_ca=pki.ca) == "Success"
 
 
-def test_bridge_connects_with_tls_and_credentials_and_the_acl_keeps_sites_apart(
-    prd_broker: Broker, pki: Pki, cloud: Cloud, bridges: Callable[..., Bridge], tmp_path: Path
-) -> None:
-    password_file = tmp_path / "bridge-password"
+def start_prd_bridge(
+    bridges: Callable[..., Bridge], cloud: Cloud, broker: Broker, pki: Pki, workdir: Path
+) -> Bridge:
+    """A PRD bridge: TLS to the broker, its user and a password file (with the newline editors leave)."""
+    password_file = workdir / "bridge-password"
     password_file.write_text(BRIDGE_PASSWORD + "\n")
     env = {
         **cloud.env,
         "APP_ENV": "PRD",
         "MQTT_BROKER": "localhost",
-        "MQTT_PORT": str(prd_broker.port),
+        "MQTT_PORT": str(broker.port),
         "MQTT_TLS_CA": str(pki.ca),
         "MQTT_USERNAME": BRIDGE_USER,
         "MQTT_PASSWORD_FILE": str(password_file),
     }
     bridge = bridges(env).start()
     bridge.wait_ready()
+    return bridge
+
+
+def test_bridge_connects_with_tls_and_credentials_and_the_acl_keeps_sites_apart(
+    prd_broker: Broker, pki: Pki, cloud: Cloud, bridges: Callable[..., Bridge], tmp_path: Path
+) -> None:
+    bridge = start_prd_bridge(bridges, cloud, prd_broker, pki, tmp_path)
     own_s1, own_s2 = reading("S1", 1), reading("S2", 1)
     s1_posing_as_s2 = reading("S2", 2)
 
@@ -161,19 +169,7 @@ def test_tls_under_load_keeps_one_connection_and_loses_nothing(
     prd_broker: Broker, pki: Pki, cloud: Cloud, bridges: Callable[..., Bridge], tmp_path: Path
 ) -> None:
     """PUBACKs are written by the link's own thread: an SSL socket shared with the intake thread tore frames."""
-    password_file = tmp_path / "bridge-password"
-    password_file.write_text(BRIDGE_PASSWORD)
-    env = {
-        **cloud.env,
-        "APP_ENV": "PRD",
-        "MQTT_BROKER": "localhost",
-        "MQTT_PORT": str(prd_broker.port),
-        "MQTT_TLS_CA": str(pki.ca),
-        "MQTT_USERNAME": BRIDGE_USER,
-        "MQTT_PASSWORD_FILE": str(password_file),
-    }
-    bridge = bridges(env).start()
-    bridge.wait_ready()
+    bridge = start_prd_bridge(bridges, cloud, prd_broker, pki, tmp_path)
     messages = readings(["S1"], 20_000)
 
     publish(prd_broker.port, messages, username="S1", password=SITE_PASSWORDS["S1"], tls_ca=pki.ca)

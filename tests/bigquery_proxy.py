@@ -1,0 +1,105 @@
+"""An HTTP proxy in front of bqemulator that adds what the emulator cannot do: BigQuery's 10 MB request limit
+on insertAll (a 400, as BigQuery answers), and per-row transient errors (`backendError`) for chosen rows.
+
+Rows it fails are not passed on, so the emulator's table holds exactly what BigQuery would have kept. Every other
+request is passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+REQUEST_LIMIT = 10 * 1024 * 1024
+
+
+@dataclass
+class BigQueryFaults:
+    flaky: Callable[[dict[str, Any]], bool] = lambda row: False  # rows to fail with backendError...
+    flaky_times: int = 2  # ...this many times each
+    failed: dict[str, int] = field(default_factory=dict)  # insertId -> times failed
+    spoils_request: Callable[[dict[str, Any]], bool] = lambda row: False  # a row that makes the whole request 400
+    too_large: int = 0  # requests refused for their size
+    insert_calls: int = 0
+    largest_request: int = 0
+
+
+class BigQueryProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.faults = BigQueryFaults()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _relay(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "POST" and self.path.split("?")[0].endswith("/insertAll"):
+                    status, answer = proxy._insert_all(self.path, body)
+                else:
+                    status, answer = proxy._forward(self.command, self.path, body)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _relay  # noqa: N815 (http.server's names)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> BigQueryProxy:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _forward(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        request = urllib.request.Request(
+            self.upstream + path, data=body or None, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def _insert_all(self, path: str, body: bytes) -> tuple[int, bytes]:
+        faults = self.faults
+        faults.insert_calls += 1
+        faults.largest_request = max(faults.largest_request, len(body))
+        if len(body) > REQUEST_LIMIT:
+            faults.too_large += 1
+            error = {"code": 400, "message": f"Request payload size exceeds the limit: {REQUEST_LIMIT} bytes."}
+            return 400, json.dumps({"error": {**error, "errors": [{"reason": "badRequest", **error}]}}).encode()
+        request = json.loads(body)
+        if any(faults.spoils_request(row["json"]) for row in request.get("rows", [])):
+            error = {"code": 400, "message": "Invalid request: one row spoils it"}
+            return 400, json.dumps({"error": {**error, "errors": [{"reason": "invalid", **error}]}}).encode()
+        kept, errors = [], []
+        for index, row in enumerate(request.get("rows", [])):
+            insert_id = row.get("insertId", "")
+            if faults.flaky(row["json"]) and faults.failed.get(insert_id, 0) < faults.flaky_times:
+                faults.failed[insert_id] = faults.failed.get(insert_id, 0) + 1
+                errors.append({"index": index, "errors": [{"reason": "backendError", "message": "try again"}]})
+            else:
+                kept.append((index, row))
+        status, answer = self._forward("POST", path, json.dumps({**request, "rows": [r for _, r in kept]}).encode())
+        if status != 200:
+            return status, answer
+        upstream = json.loads(answer or b"{}")
+        for error in upstream.get("insertErrors", []):
+            errors.append({**error, "index": kept[error["index"]][0]})
+        return 200, json.dumps({"kind": "bigquery#tableDataInsertAllResponse", "insertErrors": errors}).encode()

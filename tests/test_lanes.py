@@ -1,0 +1,262 @@
+"""Sinks and tables that never block each other, the outage budget an operator sees, health checks an idle
+client cannot starve, BigQuery batches within its request limit, and a stop inside the platform's window."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from google.cloud import bigquery as bq
+
+from fmi_bridge.provision import table_resource
+from tests.bigquery_proxy import BigQueryProxy
+from tests.conftest import Cloud, start_bridge
+from tests.pubsub_server import Faults
+from tests.support import (
+    BigQueryEmulator,
+    Bridge,
+    Broker,
+    Published,
+    bq_distinct_ids,
+    bq_query,
+    expected_ids,
+    publish,
+    reading,
+    readings,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+SITES = ["S1", "S2"]
+T = "FCTS/FAE/S1/SolvExtract/TAG"
+
+
+def bad(n: int) -> Published:
+    return Published(T, b"not json %d" % n)
+
+
+def test_a_missing_rejects_table_holds_up_no_reading(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]
+) -> None:
+    cloud.bq.delete_table(cloud.rejects_table)  # not provisioned, or no grant: BigQuery answers 404
+    bridge = start_bridge(bridges, cloud, broker)
+    rejects = [bad(n) for n in range(600)]
+    good = readings(SITES, 500)
+
+    publish(broker.port, rejects + good)  # 600 rejects ahead of the readings in the spool
+
+    wait_until(lambda: bq_distinct_ids(cloud.bq, cloud.readings_table) == expected_ids(good), 60, "every reading")
+    assert bridge.metric("fmi_bridge_sink_owed_records", 'sink="bigquery"') == len(rejects)
+    assert bridge.metric("fmi_bridge_lane_failed_total", 'lane="bigquery/rejects"') >= 1
+
+    cloud.bq.create_table(
+        bq.Table.from_api_repr(table_resource(cloud.config, "readings_rejected", "bigquery_rejects.json"))
+    )
+
+    wait_until(
+        lambda: bq_query(cloud.bq, f"SELECT count(*) AS n FROM `{cloud.rejects_table}`")[0]["n"] == len(rejects),
+        60,
+        "the rejects, once the table exists",
+    )
+    wait_until(lambda: bridge.metric("fmi_bridge_spool_records") == 0, 30, "an empty spool")
+
+
+def test_a_failing_readings_table_holds_up_no_reject(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]
+) -> None:
+    cloud.bq.delete_table(cloud.readings_table)
+    bridge = start_bridge(bridges, cloud, broker)
+    good, rejects = readings(SITES, 300), [bad(n) for n in range(50)]
+
+    publish(broker.port, good + rejects)
+
+    wait_until(
+        lambda: bq_query(cloud.bq, f"SELECT count(*) AS n FROM `{cloud.rejects_table}`")[0]["n"] == len(rejects),
+        60,
+        "the rejects while the readings table is missing",
+    )
+    assert cloud.reader.wait_for(len(good), 30) == expected_ids(good)  # Pub/Sub unaffected too
+    cloud.bq.create_table(bq.Table.from_api_repr(table_resource(cloud.config, "readings", "bigquery_readings.json")))
+    wait_until(lambda: bq_distinct_ids(cloud.bq, cloud.readings_table) == expected_ids(good), 60, "the readings")
+    wait_until(lambda: bridge.metric("fmi_bridge_spool_records") == 0, 30, "an empty spool")
+
+
+def test_the_outage_budget_is_visible_in_metrics_and_in_the_stats_line(
+    broker: Broker, cloud: Cloud, faults: Faults, bridges: Callable[..., Bridge]
+) -> None:
+    bridge = start_bridge(bridges, cloud, broker, STATS_LOG_SECONDS="1", SINK_LAG_WARN_SECONDS="2")
+    faults.unavailable = True
+    messages = readings(SITES, 200)
+
+    publish(broker.port, messages)
+
+    wait_until(lambda: bridge.metric("fmi_bridge_sink_owed_records", 'sink="pubsub"') == len(messages), 30, "owed")
+    assert bridge.metric("fmi_bridge_sink_owed_records", 'sink="bigquery"') == 0
+    assert bridge.metric("fmi_bridge_sink_owed_bytes", 'sink="pubsub"') == bridge.metric("fmi_bridge_spool_bytes") > 0
+    warning = wait_until(
+        lambda: [e for e in bridge.log_entries() if e.get("message", "").startswith("sink is falling behind")],
+        30,
+        "the lag warning",
+    )[0]
+    assert warning["sink"] == "pubsub" and warning["owed_records"] == len(messages)
+    assert warning["severity"] == "WARNING" and warning["oldest_age_seconds"] > 2
+    assert bridge.metric("fmi_bridge_sink_oldest_owed_age_seconds", 'sink="pubsub"') > 2
+    stats = [e for e in bridge.log_entries() if e.get("message") == "stats"][-1]
+    assert stats["owed_records"] == {"pubsub": len(messages), "bigquery": 0}
+    assert stats["received"] == stats["accepted"] == len(messages) and stats["rejected"] == 0
+    assert stats["sent"]["bigquery"] == len(messages) and stats["sent"]["pubsub"] == 0
+    assert stats["spool_bytes"] == stats["owed_bytes"]["pubsub"]
+
+    faults.unavailable = False
+    wait_until(lambda: bridge.metric("fmi_bridge_sink_owed_records", 'sink="pubsub"') == 0, 60, "caught up")
+    wait_until(lambda: any(e.get("message") == "sink caught up" for e in bridge.log_entries()), 10, "the recovery")
+
+
+def test_time_to_full_follows_the_intake_rate(
+    broker: Broker, cloud: Cloud, faults: Faults, bridges: Callable[..., Bridge]
+) -> None:
+    bridge = start_bridge(bridges, cloud, broker, STATS_LOG_SECONDS="1", SPOOL_MAX_BYTES=str(64 * 1024**2))
+    faults.unavailable = True
+    assert bridge.metric("fmi_bridge_spool_seconds_to_full") == float("inf")  # nothing comes in yet
+    for start in range(0, 1200, 200):
+        publish(broker.port, readings(SITES, 100, start=start))
+        time.sleep(1)
+    left = wait_until(
+        lambda: (
+            0 < bridge.metric("fmi_bridge_spool_seconds_to_full") < float("inf")
+            and bridge.metric("fmi_bridge_spool_seconds_to_full")
+        ),
+        20,
+        "a finite time to full",
+    )
+    rate = bridge.metric("fmi_bridge_spooled_bytes_total") / 6  # about what came in each second
+    expected = (64 * 1024**2 - bridge.metric("fmi_bridge_spool_bytes")) / rate
+    assert expected / 4 < left < expected * 4  # the same order: a rate over the last minute, not a guess
+
+
+@pytest.fixture
+def idle_client(request: pytest.FixtureRequest) -> Iterator[Callable[[int], socket.socket]]:
+    opened: list[socket.socket] = []
+
+    def connect(port: int) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port))
+        opened.append(sock)
+        return sock
+
+    yield connect
+    for sock in opened:
+        sock.close()
+
+
+def test_an_idle_connection_never_delays_a_probe(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], idle_client: Callable[[int], socket.socket]
+) -> None:
+    bridge = start_bridge(bridges, cloud, broker)
+    idle_client(bridge.port)  # connects and sends nothing
+    half = idle_client(bridge.port)
+    half.sendall(b"GET /liveness_check HTTP/1.1\r\nHost: x\r\n")  # and one that stops mid-request
+
+    for _ in range(10):
+        started = time.monotonic()
+        assert bridge.status("/liveness_check") == (200, "ok\n")
+        assert time.monotonic() - started < 0.5
+    assert bridge.status("/readiness_check")[0] == 200
+
+
+@pytest.fixture
+def bigquery_proxy(bigquery: BigQueryEmulator) -> Iterator[BigQueryProxy]:
+    proxy = BigQueryProxy(bigquery.url).start()
+    yield proxy
+    proxy.stop()
+
+
+def test_large_payloads_stay_under_the_request_limit(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], bigquery_proxy: BigQueryProxy
+) -> None:
+    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url)
+    pad = "x" * 30_000  # 500 such rows (the default batch) would be 15 MB
+    big = [Published(m.topic, json.dumps({**json.loads(m.payload), "pad": pad}).encode()) for m in readings(SITES, 400)]
+
+    publish(broker.port, big)
+
+    wait_until(lambda: bq_distinct_ids(cloud.bq, cloud.readings_table) == expected_ids(big), 90, "every large row")
+    assert bigquery_proxy.faults.too_large == 0  # no request ever passed 10 MB...
+    assert bigquery_proxy.faults.insert_calls < 20  # ...and none went row by row
+    assert bigquery_proxy.faults.largest_request > 5_000_000  # while batches stayed large
+    assert bridge.metric("fmi_bridge_sink_dead_lettered_total", 'sink="bigquery"') == 0
+
+
+def test_transient_row_errors_are_retried_and_invalid_rows_dead_lettered(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], bigquery_proxy: BigQueryProxy
+) -> None:
+    strict = table_resource(cloud.config, "strict", "bigquery_readings.json")
+    for column in strict["schema"]["fields"]:
+        if column["name"] == "sensor_id":
+            column["type"] = "INT64"  # rows with a sensor_id that is no number are invalid
+    cloud.bq.create_table(bq.Table.from_api_repr(strict))
+    bigquery_proxy.faults.flaky = lambda row: row.get("sensor_id", "").endswith("7")
+    bridge = start_bridge(
+        bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url, BIGQUERY_TABLE="strict",
+        BIGQUERY_REJECTS_TABLE="readings_rejected",
+    )  # fmt: skip
+    numeric = [reading(site, n, sensor=str(1000 + n)) for n in range(100) for site in SITES]
+    named = [reading("S1", n, sensor="abc") for n in range(100, 110)]
+
+    publish(broker.port, numeric + named)
+
+    table = f"{cloud.config.gcp_project_id}.{cloud.config.bigquery_dataset}.strict"
+    wait_until(lambda: bq_distinct_ids(cloud.bq, table) == expected_ids(numeric), 60, "every valid row, flaky included")
+    assert len(bigquery_proxy.faults.failed) == 20 and set(bigquery_proxy.faults.failed.values()) == {2}
+    rejects = wait_until(
+        lambda: (rows := bq_query(cloud.bq, f"SELECT * FROM `{cloud.rejects_table}`")) and len(rows) >= 10 and rows,
+        60,
+        "the invalid rows as dead letters",
+    )
+    assert {row["event_id"] for row in rejects} == expected_ids(named)
+    assert {row["reason"] for row in rejects} == {"bigquery_rejected"}
+    assert bq_query(cloud.bq, f"SELECT count(*) AS n FROM `{table}`")[0]["n"] == len(numeric)  # no row twice
+    assert bridge.metric("fmi_bridge_sink_dead_lettered_total", 'sink="bigquery"') == len(named)
+
+
+def test_a_request_refused_whole_is_narrowed_down_by_halving(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], bigquery_proxy: BigQueryProxy
+) -> None:
+    bigquery_proxy.faults.spoils_request = lambda row: row.get("sensor_id") == "SPOILER"
+    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url)
+    messages = readings(SITES, 250)
+    spoiler = reading("S2", 125, sensor="SPOILER")
+    messages[messages.index(reading("S2", 125))] = spoiler
+
+    publish(broker.port, messages)
+
+    good = [m for m in messages if m != spoiler]
+    wait_until(lambda: bq_distinct_ids(cloud.bq, cloud.readings_table) == expected_ids(good), 60, "the other rows")
+    rejects = wait_until(lambda: bq_query(cloud.bq, f"SELECT * FROM `{cloud.rejects_table}`"), 30, "the dead letter")
+    assert [(r["reason"], r["event_id"]) for r in rejects] == [("bigquery_rejected", *expected_ids([spoiler]))]
+    assert bigquery_proxy.faults.insert_calls < 40  # about 2 log2(500) requests, not one per row
+    assert bridge.alive()
+
+
+@pytest.mark.parametrize("fault", ["slow", "down"])
+def test_the_whole_stop_fits_its_deadline(
+    broker: Broker, cloud: Cloud, faults: Faults, bridges: Callable[..., Bridge], fault: str
+) -> None:
+    bridge = start_bridge(bridges, cloud, broker, SHUTDOWN_FLUSH_SECONDS="6", SINK_TIMEOUT_SECONDS="30")
+    if fault == "slow":
+        faults.latency_seconds = 3.0  # every publish takes 3 s: the flush cannot finish
+    else:
+        faults.unavailable = True
+    publish(broker.port, readings(SITES, 2000))
+    wait_until(lambda: bridge.metric("fmi_bridge_messages_received_total") == 4000, 30, "intake")
+
+    started = time.monotonic()
+    assert bridge.terminate(timeout=30) == 0
+    took = time.monotonic() - started
+
+    assert took < 6 + 1.5, took  # the deadline, plus the interpreter's exit
+    stopped = [e for e in bridge.log_entries() if e.get("message") == "stopped"][-1]
+    assert stopped["records_kept_in_spool"] > 0
