@@ -105,19 +105,23 @@ def spool_import(config: Config, source: str) -> int:
 
 
 def build_sinks(config: Config) -> list[Sink]:
-    """One per lane: Pub/Sub, and a BigQuery lane per table (readings, rejects), so a table that fails holds up
-    no other; with no BigQuery (plain LOCAL) the log sink stands in."""
+    """One per lane: Pub/Sub's lanes (sites hashed onto them), and a BigQuery lane per table (readings, rejects),
+    so a lane that fails holds up no other; with no BigQuery (plain LOCAL) the log sink stands in."""
     sinks: list[Sink] = []
     if config.pubsub_enabled:
-        sinks.append(
+        publisher = cloud.publisher_client(config)
+        sinks += [
             PubSubSink(
-                cloud.publisher_client(config),
+                publisher,
                 cloud.topic_path(config),
+                lane=lane,
+                lanes=config.pubsub_lanes,
                 batch_size=config.pubsub_batch_size,
                 deadletter_attempts=config.pubsub_deadletter_attempts,
                 timeout=config.sink_timeout_seconds,
             )
-        )
+            for lane in range(config.pubsub_lanes)
+        ]
     if config.bigquery_enabled:
         client = cloud.bigquery_client(config)
         tables = destinations(
@@ -143,6 +147,7 @@ def open_spool(config: Config) -> Spool:
         min_free_bytes=config.spool_min_free_bytes,
         reading_bits=sum(reading_bits),
         reject_bits=sum(reject_bits),
+        lanes={PUBSUB: config.pubsub_lanes} if PUBSUB in bits else {},
     )
     for bit, name in ((PUBSUB, "pubsub"), (BIGQUERY, "bigquery"), (LOG, "log")):
         if bit not in bits and (waiting := spool.count_pending(bit)):

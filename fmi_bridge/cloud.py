@@ -4,38 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import google.pubsub_v1 as pubsub_gapic
 import grpc
-from google.api_core import exceptions as api_exceptions
-from google.api_core.retry import Retry, if_exception_type
 from google.auth.credentials import AnonymousCredentials
-from google.cloud import bigquery, pubsub_v1  # type: ignore[attr-defined]  # mypy cannot see pubsub_v1
+from google.cloud import bigquery
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 
 from fmi_bridge.config import Config
 
-# The publish errors worth retrying inside the client; with ordering on, the client retries them without end.
-_RETRYABLE = if_exception_type(
-    api_exceptions.Aborted,
-    api_exceptions.Cancelled,
-    api_exceptions.DeadlineExceeded,
-    api_exceptions.InternalServerError,
-    api_exceptions.ResourceExhausted,
-    api_exceptions.ServiceUnavailable,
-    api_exceptions.Unknown,
-)
-
 
 def publisher_client(config: Config) -> Any:
-    return pubsub_v1.PublisherClient(
-        batch_settings=pubsub_v1.types.BatchSettings(max_messages=1000, max_bytes=5_000_000, max_latency=0.05),
-        publisher_options=pubsub_v1.types.PublisherOptions(
-            enable_message_ordering=True,
-            retry=Retry(predicate=_RETRYABLE, initial=0.1, maximum=5.0, multiplier=2.0),
-        ),
-        **(
-            emulator_transport(config.pubsub_emulator_host, PublisherGrpcTransport)
-            or ({"client_options": {"api_endpoint": config.pubsub_endpoint}} if config.pubsub_endpoint else {})
-        ),
+    """The generated Publisher client: Publish RPCs as the senders batch them, no client-side batching,
+    sequencing or futures (the spool already orders and batches)."""
+    options = {"client_options": {"api_endpoint": config.pubsub_endpoint}} if config.pubsub_endpoint else {}
+    return pubsub_gapic.PublisherClient(
+        **(emulator_transport(config.pubsub_emulator_host, PublisherGrpcTransport) or options)
     )
 
 

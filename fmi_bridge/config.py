@@ -235,7 +235,18 @@ SETTINGS: tuple[Setting, ...] = (
         "publishes that reach one region. PUBSUB_EMULATOR_HOST wins over it.",
         parse=_host_port,
     ),
-    Setting("PUBSUB_BATCH_SIZE", "Records one Pub/Sub send round takes from the spool.", "2000", _positive_int),
+    Setting(
+        "PUBSUB_BATCH_SIZE",
+        "Messages in one Publish request (1 to 1000, Pub/Sub's limit).",
+        "1000",
+        _between(_int, 1, 1000),
+    ),
+    Setting(
+        "PUBSUB_LANES",
+        "Lanes the sites are hashed onto: one Publish request in flight per lane, a site always in the same lane.",
+        "4",
+        _between(_int, 1, 64),
+    ),
     Setting(
         "PUBSUB_DEADLETTER_ATTEMPTS",
         "Times one reading alone may be refused by Pub/Sub as invalid before it goes to the rejects table.",
@@ -301,6 +312,7 @@ class Config:
     bigquery_emulator_host: str | None
     pubsub_endpoint: str | None
     pubsub_batch_size: int
+    pubsub_lanes: int
     pubsub_deadletter_attempts: int
     bigquery_batch_size: int
     sink_timeout_seconds: float

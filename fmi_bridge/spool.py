@@ -17,6 +17,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -107,7 +108,14 @@ class Owed:
 
 class Spool:
     def __init__(
-        self, directory: Path, *, max_bytes: int, min_free_bytes: int, reading_bits: int, reject_bits: int
+        self,
+        directory: Path,
+        *,
+        max_bytes: int,
+        min_free_bytes: int,
+        reading_bits: int,
+        reject_bits: int,
+        lanes: dict[int, int] | None = None,
     ) -> None:
         self.directory = directory
         self.path = directory / SPOOL_FILE
@@ -115,6 +123,7 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.reading_bits = reading_bits
         self.reject_bits = reject_bits
+        self.lanes = lanes or {}  # sink bit -> how many lanes its sites are hashed onto
         self._local = threading.local()
         self._lock = threading.Lock()
         self._records = 0
@@ -176,6 +185,8 @@ class Spool:
         conn.executescript(_SCHEMA)
         for bit in _bits(self.reading_bits | self.reject_bits):
             conn.execute(f"CREATE INDEX IF NOT EXISTS pending_{bit} ON records(id) WHERE pending & {bit}")
+        for bit, count in self.lanes.items():
+            self._index_lanes(conn, bit, count)
         for bit in _bits(self.reading_bits & self.reject_bits):
             # A sink that takes both kinds drains them in lanes of their own: one per kind.
             conn.execute(f"CREATE INDEX IF NOT EXISTS pending_{bit}_kind ON records(kind, id) WHERE pending & {bit}")
@@ -187,12 +198,26 @@ class Spool:
             ).fetchone()
             self._owed[bit] = list(owed)
 
+    @staticmethod
+    def _index_lanes(conn: sqlite3.Connection, bit: int, count: int) -> None:
+        """An index per (lane, id) of the records this sink owes, for exactly this many lanes."""
+        wanted = f"pending_{bit}_lanes_{count}"
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE ?", (f"pending_{bit}_lanes_%",)
+        ).fetchall():
+            if name != wanted:
+                conn.execute(f"DROP INDEX {name}")
+        conn.execute(
+            f"CREATE INDEX IF NOT EXISTS {wanted} ON records(lane_of(site_code, {count}), id) WHERE pending & {bit}"
+        )
+
     def _connection(self, synchronous: str = "NORMAL", busy_seconds: float = 0.0) -> sqlite3.Connection:
         """This thread's connection; the first call in a thread sets its durability for good."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             timeout = busy_seconds or BUSY_SECONDS
             conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=True)
+            conn.create_function("lane_of", 2, lane_of, deterministic=True)
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL for the intake connection: an acknowledged message must survive a power cut.
             # Senders only delete; losing one of their commits means a resend, never a loss.
@@ -332,13 +357,17 @@ class Spool:
         exclude_sites: Iterable[str] = (),
         *,
         kind: str | None = None,
+        lane: int | None = None,
         max_bytes: int | None = None,
     ) -> list[Record]:
-        """Oldest records still waiting for the sink with this bit (of one kind, if given), in spool order; at
-        most `limit` records and, past the first, at most `max_bytes` of them."""
+        """Oldest records still waiting for the sink with this bit (of one kind, or of one lane's sites, if
+        given), in spool order; at most `limit` records and, past the first, at most `max_bytes` of them."""
         excluded = sorted(set(exclude_sites))
         sql = f"SELECT id, kind, site_code, body, size FROM records WHERE pending & {int(bit)}"
         params: list[Any] = []
+        if lane is not None:
+            sql += f" AND {self._lane_clause(bit)}"
+            params.append(lane)
         if kind is not None:
             sql += " AND kind = ?"
             params.append(kind)
@@ -368,8 +397,14 @@ class Spool:
         )
         return _record(row) if row else None
 
-    def count_pending(self, bit: int, kind: str | None = None) -> int:
+    def _lane_clause(self, bit: int) -> str:
+        # The literal lane count, so SQLite matches the expression index.
+        return f"lane_of(site_code, {int(self.lanes[bit])}) = ?"
+
+    def count_pending(self, bit: int, kind: str | None = None, lane: int | None = None) -> int:
         sql = f"SELECT count(*) FROM records WHERE pending & {int(bit)}"
+        if lane is not None:
+            return int(self._observe(f"{sql} AND {self._lane_clause(bit)}", (lane,))[0])
         if kind is None:
             return int(self._observe(sql)[0])
         return int(self._observe(sql + " AND kind = ?", (kind,))[0])
@@ -421,6 +456,7 @@ class Spool:
         """One read on a connection of its own, closed at once: safe from any thread (health, metrics, stats),
         and no connection left behind by a short-lived thread."""
         with closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)) as conn:
+            conn.create_function("lane_of", 2, lane_of, deterministic=True)
             return conn.execute(sql, params).fetchone()
 
     def stats(self) -> SpoolStats:
@@ -491,6 +527,13 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 def _record(row: tuple[Any, ...]) -> Record:
     return Record(row[0], row[1], row[2], json.loads(row[3]))
+
+
+def lane_of(site_code: str | None, lanes: int) -> int:
+    """The lane a site's records travel in: stable across processes, so one site never has two."""
+    if not site_code:
+        return 0
+    return zlib.crc32(site_code.encode("utf-8", "surrogatepass")) % lanes
 
 
 def _owed_by_rows(bits_and_sizes: Iterable[tuple[int, int]]) -> dict[int, tuple[int, int]]:

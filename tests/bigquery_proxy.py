@@ -7,8 +7,10 @@ request is passed through unchanged.
 
 from __future__ import annotations
 
+import argparse
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -25,6 +27,7 @@ class BigQueryFaults:
     flaky_times: int = 2  # ...this many times each
     failed: dict[str, int] = field(default_factory=dict)  # insertId -> times failed
     spoils_request: Callable[[dict[str, Any]], bool] = lambda row: False  # a row that makes the whole request 400
+    latency_seconds: float = 0.0  # added to every insertAll
     too_large: int = 0  # requests refused for their size
     insert_calls: int = 0
     largest_request: int = 0
@@ -62,6 +65,9 @@ class BigQueryProxy:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
+    def serve(self) -> None:
+        self._server.serve_forever()
+
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
@@ -79,6 +85,7 @@ class BigQueryProxy:
     def _insert_all(self, path: str, body: bytes) -> tuple[int, bytes]:
         faults = self.faults
         faults.insert_calls += 1
+        time.sleep(faults.latency_seconds)
         faults.largest_request = max(faults.largest_request, len(body))
         if len(body) > REQUEST_LIMIT:
             faults.too_large += 1
@@ -103,3 +110,14 @@ class BigQueryProxy:
         for error in upstream.get("insertErrors", []):
             errors.append({**error, "index": kept[error["index"]][0]})
         return 200, json.dumps({"kind": "bigquery#tableDataInsertAllResponse", "insertErrors": errors}).encode()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--upstream", required=True, help="the emulator's REST URL")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every insertAll")
+    options = parser.parse_args()
+    proxy = BigQueryProxy(options.upstream)
+    proxy.faults.latency_seconds = options.latency
+    print(f"BigQuery proxy on {proxy.url}", flush=True)
+    proxy.serve()

@@ -42,6 +42,7 @@ class Faults:
     reject: Callable[[Any], bool] | None = None  # a PubsubMessage → True answers INVALID_ARGUMENT
     publish_calls: int = 0
     refused_calls: int = 0
+    largest_request: int = 0  # messages in the largest Publish request seen
 
 
 @dataclass
@@ -77,6 +78,7 @@ class PubSubState:
     def publish(self, request: Any, context: grpc.ServicerContext) -> Any:
         faults = self.faults
         faults.publish_calls += 1
+        faults.largest_request = max(faults.largest_request, len(request.messages))
         if faults.latency_seconds:
             time.sleep(faults.latency_seconds)
         if faults.unavailable:
@@ -205,10 +207,16 @@ class PubSubServer:
     def stop(self) -> None:
         self._server.stop(grace=None)
 
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8085)
-    server = PubSubServer(port=parser.parse_args().port).start()
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every Publish")
+    options = parser.parse_args()
+    server = PubSubServer(port=options.port).start()
+    server.faults.latency_seconds = options.latency
     print(f"Pub/Sub test server on {server.host}", flush=True)
-    server._server.wait_for_termination()
+    server.wait()

@@ -125,9 +125,7 @@ def test_prd_broker_refuses_anonymous_and_plain_tcp_clients(prd_broker: Broker, 
     assert connack(prd_broker.port, BRIDGE_USER, BRIDGE_PASSWORD, tls_ca=pki.ca) == "Success"
 
 
-def start_prd_bridge(
-    bridges: Callable[..., Bridge], cloud: Cloud, broker: Broker, pki: Pki, workdir: Path
-) -> Bridge:
+def start_prd_bridge(bridges: Callable[..., Bridge], cloud: Cloud, broker: Broker, pki: Pki, workdir: Path) -> Bridge:
     """A PRD bridge: TLS to the broker, its user and a password file (with the newline editors leave)."""
     password_file = workdir / "bridge-password"
     password_file.write_text(BRIDGE_PASSWORD + "\n")

@@ -1,38 +1,69 @@
-"""End-to-end benchmark on real parts: Mosquitto → bridge (DEV) → Pub/Sub test server + BigQuery emulator.
+"""Benchmark on real parts, every component in a process of its own: Mosquitto, the publisher, the bridge, the
+Pub/Sub backend (Google's emulator, or the in-repo server) and bqemulator.
 
-    .venv/bin/python tools/benchmark.py [--readings 20000] [--sites 10]
+    .venv/bin/python tools/benchmark.py e2e      [--readings 30000] [--sites 10] [--pubsub google|server]
+    .venv/bin/python tools/benchmark.py backlog  [--readings 100000] [--sites 10] [--pubsub google|server]
+    .venv/bin/python tools/benchmark.py baseline [--messages 300] [--latency 0.02]
 
-Prints publish rate, intake rate (received and spooled), end-to-end rate to both sinks, the bridge's peak
-memory, and the spool's size on disk. Figures, not pass/fail: compare them run to run.
+e2e: publish start → every reading in both sinks, beside a bare paho subscriber (MQTT 5 and 3.1.1) that only
+counts and acknowledges, measured on the same broker in the same run; CPU per reading from /proc.
+backlog: N readings spooled while both sinks are unreachable, then a fresh bridge with the sinks up: drain rate
+and peak RSS. baseline: the original design (one synchronous publish and one single-row insert per message,
+in the MQTT callback) against sinks with added latency, beside the bridge against the same sinks.
+Figures, not pass/fail: compare them run to run on the same machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from fmi_bridge.config import Config
-from fmi_bridge.provision import provision
-from tests.pubsub_server import PubSubServer
-from tests.support import (
+import paho.mqtt.client as mqtt  # noqa: E402  (after the path set-up above)
+from google.auth.credentials import AnonymousCredentials  # noqa: E402
+from google.cloud import bigquery, pubsub_v1  # noqa: E402
+from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport  # noqa: E402
+from paho.mqtt.properties import Properties  # noqa: E402
+from paho.mqtt.subscribeoptions import SubscribeOptions  # noqa: E402
+
+from fmi_bridge.cloud import emulator_transport  # noqa: E402
+from fmi_bridge.config import Config  # noqa: E402
+from fmi_bridge.events import kpi_message, reading_row  # noqa: E402
+from fmi_bridge.provision import provision  # noqa: E402
+from fmi_bridge.readings import Inbound, Reading, validate  # noqa: E402
+from tests.support import (  # noqa: E402
     BigQueryEmulator,
     Bridge,
     Broker,
-    PubSubReader,
-    bq_query,
+    GooglePubSubEmulator,
+    free_port,
     publish,
     readings,
     wait_until,
 )
 
 PROJECT = "bench"
+TOPIC_FILTER = "FCTS/FAE/+/SolvExtract/+"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -42,77 +73,325 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
-def spool_size_mib(directory: Path) -> float:
-    return sum(path.stat().st_size for path in directory.glob("spool.db*")) / 1024**2
+# -- child processes -----------------------------------------------------------------------------------------
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--readings", type=int, default=20_000)
-    parser.add_argument("--sites", type=int, default=10)
-    args = parser.parse_args()
-    per_site = args.readings // args.sites
-    sites = [f"S{n:02d}" for n in range(args.sites)]
-    messages = readings(sites, per_site)
+def child(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), *args], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
 
+
+def run_publisher(port: int, count: int, sites: int, start: int = 0) -> subprocess.Popen[str]:
+    return child(
+        "_publish", "--port", str(port), "--readings", str(count), "--sites", str(sites), "--start", str(start)
+    )
+
+
+def publisher_main(options: argparse.Namespace) -> int:
+    names = [f"S{n:02d}" for n in range(options.sites)]
+    messages = readings(names, options.readings // options.sites, start=options.start)
+    for first in range(0, len(messages), 60_000):  # one connection carries at most 65,535 QoS 1 message ids
+        publish(options.port, messages[first : first + 60_000])
+    return 0
+
+
+def bare_main(options: argparse.Namespace) -> int:
+    """A subscriber that only counts and acknowledges: paho's own ceiling on this broker."""
+
+    v5 = options.protocol == "5"
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"bare-{options.protocol}-{os.getpid()}",
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        manual_ack=True,
+        **({} if v5 else {"clean_session": True}),
+    )
+    state = {"count": 0, "last": 0.0}
+
+    def on_message(c: Any, userdata: Any, message: Any) -> None:
+        client.ack(message.mid, message.qos)
+        state["count"] += 1
+        state["last"] = time.monotonic()
+
+    client.on_message = on_message
+    if v5:
+        properties = Properties(1)  # CONNECT
+        properties.ReceiveMaximum = 1000
+        client.connect("127.0.0.1", options.port, properties=properties)
+    else:
+        client.connect("127.0.0.1", options.port)
+    client.subscribe(TOPIC_FILTER, options=SubscribeOptions(qos=1)) if v5 else client.subscribe(TOPIC_FILTER, 1)
+    for _ in range(50):
+        client.loop(0.05)
+    print("subscribed", flush=True)
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    while state["count"] < options.count:
+        client.loop(1.0)
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    print(json.dumps({"last": state["last"], "cpu": cpu}), flush=True)
+    return 0
+
+
+# -- the set-up ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rig:
+    work: Path
+    broker: Broker
+    bigquery: BigQueryEmulator
+    pubsub_host: str
+    env: dict[str, str]
+
+
+@contextmanager
+def rig(pubsub: str, latency: float = 0.0) -> Iterator[Rig]:
     work = Path(tempfile.mkdtemp(prefix="fmi-bench-"))
     broker = Broker(work / "broker").start()
-    pubsub = PubSubServer().start()
-    os.environ["PUBSUB_EMULATOR_HOST"] = pubsub.host
     bigquery = BigQueryEmulator(work, PROJECT).start()
+    helpers: list[subprocess.Popen[str]] = []
+    google = None
+    if pubsub == "google":
+        google = GooglePubSubEmulator(work).start()
+        pubsub_host = google.host
+    else:
+        port = free_port()
+        server = [sys.executable, str(ROOT / "tests" / "pubsub_server.py"), "--port", str(port)]
+        helpers.append(subprocess.Popen([*server, "--latency", str(latency)], stdout=subprocess.PIPE, text=True))
+        assert helpers[-1].stdout is not None
+        helpers[-1].stdout.readline()
+        pubsub_host = f"127.0.0.1:{port}"
+    bigquery_url = bigquery.url
+    if latency:
+        proxy = [sys.executable, str(ROOT / "tests" / "bigquery_proxy.py"), "--upstream", bigquery.url]
+        helpers.append(subprocess.Popen([*proxy, "--latency", str(latency)], stdout=subprocess.PIPE, text=True))
+        assert helpers[-1].stdout is not None
+        bigquery_url = helpers[-1].stdout.readline().split()[-1]
     env = {
         "APP_ENV": "DEV",
         "GCP_PROJECT_ID": PROJECT,
         "PUBSUB_TOPIC": "kpi",
         "BIGQUERY_DATASET": "bench",
         "BIGQUERY_TABLE": "readings",
-        "PUBSUB_EMULATOR_HOST": pubsub.host,
-        "BIGQUERY_EMULATOR_HOST": bigquery.url,
+        "PUBSUB_EMULATOR_HOST": pubsub_host,
+        "BIGQUERY_EMULATOR_HOST": bigquery_url,
         "MQTT_PORT": str(broker.port),
         "LOG_LEVEL": "WARNING",
     }
-    provision(Config.from_env(env))
-    reader = PubSubReader(PROJECT, "kpi", "bench-sub")
-    bq = bigquery.client()
-    bridge = Bridge(work, env).start()
+    provision(Config.from_env({**env, "BIGQUERY_EMULATOR_HOST": bigquery.url}))
     try:
-        bridge.wait_ready()
-        assert bridge.process is not None
-        print(f"{len(messages)} readings, {args.sites} sites, QoS 1, one publisher connection")
-
-        started = time.monotonic()
-        publisher = threading.Thread(target=publish, args=(broker.port, messages))
-        publisher.start()
-        publisher.join()
-        published = time.monotonic()
-        wait_until(lambda: bridge.metric("fmi_bridge_messages_received_total") >= len(messages), 300, "intake", 0.02)
-        received = time.monotonic()
-        reader.wait_for(len(messages), 600)
-        in_pubsub = time.monotonic()
-        wait_until(
-            lambda: bq_query(bq, "SELECT COUNT(DISTINCT event_id) FROM `bench.bench.readings`")[0][0] >= len(messages),
-            600,
-            "BigQuery",
-            0.2,
-        )
-        in_both = time.monotonic()
-
-        def rate(seconds: float) -> str:
-            return f"{len(messages) / seconds:,.0f} readings/s ({seconds:.2f} s)"
-
-        print(f"publish (broker acknowledged):  {rate(published - started)}")
-        print(f"intake (received and spooled):  {rate(received - started)}")
-        print(f"end to end, Pub/Sub:            {rate(in_pubsub - started)}")
-        print(f"end to end, both sinks:         {rate(in_both - started)}")
-        print(f"bridge peak memory (VmHWM):     {peak_rss_mib(bridge.process.pid):.0f} MiB")
-        print(f"spool on disk after the run:    {spool_size_mib(work / 'spool'):.1f} MiB")
+        yield Rig(work, broker, bigquery, pubsub_host, env)
     finally:
-        bridge.stop()
-        reader.close()
+        for helper in helpers:
+            helper.kill()
+        if google is not None:
+            google.stop()
         bigquery.stop()
-        pubsub.stop()
         broker.kill()
+
+
+class Completion:
+    """Counts distinct readings in both sinks, each poll reading only what is new (no quadratic re-decoding)."""
+
+    def __init__(self, setup: Rig) -> None:
+
+        self.subscriber = pubsub_v1.SubscriberClient(**emulator_transport(setup.pubsub_host, SubscriberGrpcTransport))
+        self.subscription = f"projects/{PROJECT}/subscriptions/bench-{time.monotonic_ns()}"
+        self.subscriber.create_subscription(
+            request={
+                "name": self.subscription,
+                "topic": f"projects/{PROJECT}/topics/kpi",
+                "enable_message_ordering": True,
+            }
+        )
+        self.bq = setup.bigquery.client()
+        self.pubsub_ids: set[str] = set()
+        self.pubsub_done_at: float | None = None
+
+    def pull(self) -> None:
+        response = self.subscriber.pull(request={"subscription": self.subscription, "max_messages": 1000}, timeout=10)
+        if response.received_messages:
+            self.subscriber.acknowledge(
+                request={"subscription": self.subscription, "ack_ids": [m.ack_id for m in response.received_messages]}
+            )
+            self.pubsub_ids.update(m.message.attributes["event_id"] for m in response.received_messages)
+
+    def bigquery_rows(self) -> int:
+        sql = "SELECT COUNT(DISTINCT event_id) FROM `bench.bench.readings`"
+        return int(next(iter(self.bq.query(sql).result()))[0])
+
+    def wait(self, count: int, timeout: float, bigquery_rows: int | None = None) -> float:
+        """Monotonic time when both sinks held `count` readings (BigQuery: `bigquery_rows`, if given)."""
+        deadline = time.monotonic() + timeout
+        while len(self.pubsub_ids) < count:
+            self.pull()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Pub/Sub has {len(self.pubsub_ids)} of {count}")
+        self.pubsub_done_at = time.monotonic()
+        while self.bigquery_rows() < (bigquery_rows or count):
+            if time.monotonic() > deadline:
+                raise TimeoutError("BigQuery did not get every reading")
+            time.sleep(0.25)
+        return time.monotonic()
+
+
+def rate(count: int, seconds: float) -> str:
+    return f"{count / seconds:,.0f}/s ({seconds:.1f} s)"
+
+
+# -- modes -----------------------------------------------------------------------------------------------------
+
+
+def bare_drain(setup: Rig, count: int, sites: int, protocol: str) -> tuple[float, float]:
+    """(readings/s from publish start to the last message, CPU µs per message) for a bare paho subscriber."""
+    bare = child("_bare", "--port", str(setup.broker.port), "--protocol", protocol, "--count", str(count))
+    assert bare.stdout is not None
+    assert bare.stdout.readline().strip() == "subscribed"
+    started = time.monotonic()
+    run_publisher(setup.broker.port, count, sites).wait()
+    result = json.loads(bare.stdout.readline())
+    bare.wait()
+    return count / (result["last"] - started), result["cpu"] / count * 1e6
+
+
+def e2e(options: argparse.Namespace) -> int:
+    count = options.readings // options.sites * options.sites
+    with rig(options.pubsub) as setup:
+        bare5 = bare_drain(setup, count, options.sites, "5")
+        bare3 = bare_drain(setup, count, options.sites, "3")
+        bridge = Bridge(setup.work, setup.env).start()
+        try:
+            bridge.wait_ready(60)
+            assert bridge.process is not None
+            completion = Completion(setup)
+            cpu_before = cpu_seconds(bridge.process.pid)
+            started = time.monotonic()
+            publisher = run_publisher(setup.broker.port, count, options.sites)
+            done = completion.wait(count, 900)
+            publisher.wait()
+            cpu = cpu_seconds(bridge.process.pid) - cpu_before
+            bridge_rate = count / (done - started)
+            print(f"{count:,} readings, {options.sites} sites, QoS 1; Pub/Sub: {options.pubsub}")
+            print(f"bare paho, MQTT 5:        {bare5[0]:,.0f}/s, {bare5[1]:.0f} µs CPU a message")
+            print(f"bare paho, MQTT 3.1.1:    {bare3[0]:,.0f}/s, {bare3[1]:.0f} µs CPU a message")
+            assert completion.pubsub_done_at is not None
+            print(f"bridge, Pub/Sub:          {rate(count, completion.pubsub_done_at - started)}")
+            print(f"bridge, both sinks:       {rate(count, done - started)}")
+            print(f"  ratio to bare MQTT 5:   {bridge_rate / bare5[0]:.2f}")
+            print(f"  bridge CPU a reading:   {cpu / count * 1e6:.0f} µs")
+            print(f"  bridge peak RSS:        {peak_rss_mib(bridge.process.pid):.0f} MiB")
+        finally:
+            bridge.stop()
     return 0
+
+
+def backlog(options: argparse.Namespace) -> int:
+    count = options.readings // options.sites * options.sites
+    with rig(options.pubsub) as setup:
+        dead = f"127.0.0.1:{free_port()}"  # nothing listens: both sinks fail
+        down = {**setup.env, "PUBSUB_EMULATOR_HOST": dead, "BIGQUERY_EMULATOR_HOST": f"http://{dead}"}
+        spooling = Bridge(setup.work, down).start()
+        completion = Completion(setup)
+        try:
+            wait_until(lambda: spooling.status("/liveness_check")[0] == 200, 60, "the spooling bridge")
+            run_publisher(setup.broker.port, count, options.sites).wait()
+            wait_until(lambda: spooling.metric("fmi_bridge_spool_records") >= count, 900, "the backlog", 1)
+            assert spooling.terminate(60) == 0
+        finally:
+            spooling.stop()
+        draining = Bridge(setup.work, setup.env).start()
+        try:
+            started = time.monotonic()
+            done = completion.wait(count, 3600)
+            assert draining.process is not None
+            assert completion.pubsub_done_at is not None
+            print(f"backlog of {count:,} readings, {options.sites} sites; Pub/Sub: {options.pubsub}")
+            print(f"drain, Pub/Sub:           {rate(count, completion.pubsub_done_at - started)}")
+            print(f"drain, both sinks:        {rate(count, done - started)}")
+            print(f"  bridge peak RSS:        {peak_rss_mib(draining.process.pid):.0f} MiB")
+        finally:
+            draining.stop()
+    return 0
+
+
+def baseline(options: argparse.Namespace) -> int:
+    """The original design against sinks that answer in `latency` seconds, then the bridge against the same."""
+
+    with rig("server", latency=options.latency) as setup:
+        os.environ["PUBSUB_EMULATOR_HOST"] = setup.pubsub_host
+        publisher_client = pubsub_v1.PublisherClient()  # as the original: the high-level client, one at a time
+        bq = bigquery.Client(
+            project=PROJECT,
+            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            client_options={"api_endpoint": setup.env["BIGQUERY_EMULATOR_HOST"]},  # through the latency proxy
+        )
+        state = {"count": 0, "last": 0.0}
+
+        def on_message(c: Any, userdata: Any, message: Any) -> None:
+            outcome = validate(Inbound(message.topic, bytes(message.payload), datetime.now(UTC)))
+            assert isinstance(outcome, Reading)
+            row = reading_row(outcome)
+            data, attributes = kpi_message(row)
+            publisher_client.publish("projects/bench/topics/kpi", data, **attributes).result()
+            bq.insert_rows_json("bench.bench.readings", [row])
+            state["count"] += 1
+            state["last"] = time.monotonic()
+
+        seed = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="seed")
+        seed.on_message = on_message
+        seed.connect("127.0.0.1", setup.broker.port)
+        seed.subscribe(TOPIC_FILTER, 1)
+        seed.loop_start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        run_publisher(setup.broker.port, options.messages, 10).wait()
+        wait_until(lambda: state["count"] >= options.messages, 600, "the seed-style subscriber", 0.1)
+        seed_rate = options.messages / (state["last"] - started)
+        seed.loop_stop()
+        seed.disconnect()
+
+        count = options.bridge_readings
+        bridge = Bridge(setup.work, setup.env).start()
+        try:
+            bridge.wait_ready(60)
+            completion = Completion(setup)
+            started = time.monotonic()
+            run_publisher(setup.broker.port, count, 10, start=10_000).wait()
+            done = completion.wait(count, 900, bigquery_rows=count + options.messages)  # the seed's rows are there
+            bridge_rate = count / (done - started)
+        finally:
+            bridge.stop()
+        print(f"sinks answering in {options.latency * 1000:.0f} ms")
+        print(f"seed-style, one sync publish + one insert a message: {seed_rate:,.1f}/s ({options.messages} messages)")
+        print(f"bridge, both sinks:                                  {bridge_rate:,.0f}/s ({count:,} readings)")
+        print(f"  ratio:                                             {bridge_rate / seed_rate:,.0f} x")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    modes = parser.add_subparsers(dest="mode", required=True)
+    for name, default in (("e2e", 30_000), ("backlog", 100_000)):
+        mode = modes.add_parser(name)
+        mode.add_argument("--readings", type=int, default=default)
+        mode.add_argument("--sites", type=int, default=10)
+        mode.add_argument("--pubsub", choices=("google", "server"), default="google")
+    mode = modes.add_parser("baseline")
+    mode.add_argument("--messages", type=int, default=300)
+    mode.add_argument("--latency", type=float, default=0.02)
+    mode.add_argument("--bridge-readings", type=int, default=20_000)
+    mode = modes.add_parser("_publish")
+    for flag in ("--port", "--readings", "--sites", "--start"):
+        mode.add_argument(flag, type=int, default=0)
+    mode = modes.add_parser("_bare")
+    mode.add_argument("--port", type=int)
+    mode.add_argument("--protocol", choices=("5", "3"))
+    mode.add_argument("--count", type=int)
+    options = parser.parse_args()
+    modes_run = {"e2e": e2e, "backlog": backlog, "baseline": baseline, "_publish": publisher_main, "_bare": bare_main}
+    return modes_run[options.mode](options)
 
 
 if __name__ == "__main__":
