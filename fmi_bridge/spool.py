@@ -126,6 +126,9 @@ class Spool:
         self.lanes = lanes or {}  # sink bit -> how many lanes its sites are hashed onto
         self._local = threading.local()
         self._lock = threading.Lock()
+        # Writers of this process queue here, not in SQLite's busy handler, which sleeps in growing steps (up to
+        # 100 ms) while another connection holds the write lock: with several senders that was most of their time.
+        self._writer = threading.Lock()
         self._records = 0
         self._bytes = 0
         self._owed: dict[int, list[int]] = {}  # bit -> [records, bytes] that sink still owes
@@ -296,7 +299,7 @@ class Spool:
         rows = rows[:fitting]
         conn = self._connection(synchronous="FULL")
         try:
-            with _transaction(conn):
+            with self._transaction(conn):
                 self._insert(conn, rows)
         except sqlite3.Error as exc:
             if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
@@ -336,7 +339,7 @@ class Spool:
                 f"{size} bytes to import, but SPOOL_MAX_BYTES leaves {self.max_bytes - self._bytes} bytes free"
             )
         conn = self._connection(synchronous="FULL")
-        with _transaction(conn):
+        with self._transaction(conn):
             if conn.execute("SELECT 1 FROM imports WHERE fingerprint = ?", (fingerprint,)).fetchone():
                 return False
             first = conn.execute("SELECT coalesce(min(id), 1) FROM records").fetchone()[0] - len(rows)
@@ -431,7 +434,7 @@ class Spool:
 
     def _settle(self, bit: int, ids: list[int], rejects: list[tuple[str, str | None, str, int, int, float]]) -> None:
         conn = self._connection()
-        with _transaction(conn):
+        with self._transaction(conn):
             # No room check: a dead letter replaces the reading it came from.
             self._insert(conn, rejects)
             cleared = conn.execute(
@@ -449,6 +452,20 @@ class Spool:
         self._count(
             len(rejects) - len(removed), sum(row[3] for row in rejects) - sum(size for (size,) in removed), owed
         )
+
+    @contextmanager
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: the write lock is taken up front."""
+        with self._writer:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                conn.execute("COMMIT")
+            except BaseException:
+                # SQLite may already have rolled back by itself (disk full); a second ROLLBACK would hide the cause.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     # -- observation ----------------------------------------------------------------------------------------
 
@@ -511,18 +528,6 @@ def _lock_exclusively(path: Path) -> Any:
     return handle
 
 
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: the writer lock is taken up front."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        # SQLite may already have rolled back by itself (disk full); a second ROLLBACK would hide the cause.
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def _record(row: tuple[Any, ...]) -> Record:
