@@ -528,8 +528,6 @@ def _lock_exclusively(path: Path) -> Any:
     return handle
 
 
-
-
 def _record(row: tuple[Any, ...]) -> Record:
     return Record(row[0], row[1], row[2], json.loads(row[3]))
 
