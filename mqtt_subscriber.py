@@ -34,10 +34,11 @@ from fmi_bridge.logs import setup_logging
 from fmi_bridge.loops import Loops
 from fmi_bridge.metrics import Metrics
 from fmi_bridge.mqtt_link import MqttLink
-from fmi_bridge.provision import provision
+from fmi_bridge.provision import SCHEMAS, provision
 from fmi_bridge.senders import Sender
 from fmi_bridge.shutdown import stop_in_order
 from fmi_bridge.sink_bigquery import BigQuerySink, destinations
+from fmi_bridge.sink_bigquery_write import RowEncoder, StorageWriteSink
 from fmi_bridge.sink_pubsub import PubSubSink
 from fmi_bridge.sinks import BIGQUERY, LOG, PUBSUB, LogSink, Sink
 from fmi_bridge.spool import Spool, SpoolError
@@ -123,14 +124,22 @@ def build_sinks(config: Config) -> list[Sink]:
             for lane in range(config.pubsub_lanes)
         ]
     if config.bigquery_enabled:
-        client = cloud.bigquery_client(config)
         tables = destinations(
             cloud.table_id(config, config.bigquery_table), cloud.table_id(config, config.bigquery_rejects_table)
         )
-        sinks += [
-            BigQuerySink(client, table, batch_size=config.bigquery_batch_size, timeout=config.sink_timeout_seconds)
-            for table in tables
-        ]
+        batch, timeout = config.bigquery_batch_size, config.sink_timeout_seconds
+        if config.bigquery_write_method == "storage_write":
+            writer = cloud.bigquery_write_client(config)
+            encoders = (RowEncoder(SCHEMAS / "bigquery_readings.json"), RowEncoder(SCHEMAS / "bigquery_rejects.json"))
+            sinks += [
+                StorageWriteSink(
+                    writer, table, encoder, instance=config.mqtt_client_id, batch_size=batch, timeout=timeout
+                )
+                for table, encoder in zip(tables, encoders, strict=True)
+            ]
+        else:
+            client = cloud.bigquery_client(config)
+            sinks += [BigQuerySink(client, table, batch_size=batch, timeout=timeout) for table in tables]
     else:
         sinks.append(LogSink())
     return sinks
@@ -148,6 +157,7 @@ def open_spool(config: Config) -> Spool:
         reading_bits=sum(reading_bits),
         reject_bits=sum(reject_bits),
         lanes={PUBSUB: config.pubsub_lanes} if PUBSUB in bits else {},
+        offset_bits=BIGQUERY if BIGQUERY in bits and config.bigquery_write_method == "storage_write" else 0,
     )
     for bit, name in ((PUBSUB, "pubsub"), (BIGQUERY, "bigquery"), (LOG, "log")):
         if bit not in bits and (waiting := spool.count_pending(bit)):

@@ -7,7 +7,8 @@ from typing import Any
 import google.pubsub_v1 as pubsub_gapic
 import grpc
 from google.auth.credentials import AnonymousCredentials
-from google.cloud import bigquery
+from google.cloud import bigquery, bigquery_storage_v1
+from google.cloud.bigquery_storage_v1.services.big_query_write.transports import BigQueryWriteGrpcTransport
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 
 from fmi_bridge.config import Config
@@ -45,3 +46,10 @@ def bigquery_client(config: Config) -> Any:
 
 def table_id(config: Config, table: str | None) -> str:
     return f"{config.gcp_project_id}.{config.bigquery_dataset}.{table}"
+
+
+def bigquery_write_client(config: Config) -> Any:
+    """The Storage Write API client; the emulator's gRPC port when BIGQUERY_STORAGE_EMULATOR_HOST is set."""
+    return bigquery_storage_v1.BigQueryWriteClient(  # type: ignore[no-untyped-call]
+        **emulator_transport(config.bigquery_storage_emulator_host, BigQueryWriteGrpcTransport)
+    )

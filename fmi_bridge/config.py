@@ -76,6 +76,15 @@ def _positive_float(text: str) -> float:
 MAX_SHUTDOWN_SECONDS = 25
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
 def _environment(text: str) -> str:
     if text not in ENVIRONMENTS:
         raise ValueError(f"must be one of {', '.join(ENVIRONMENTS)}")
@@ -253,7 +262,20 @@ SETTINGS: tuple[Setting, ...] = (
         "3",
         _positive_int,
     ),
-    Setting("BIGQUERY_BATCH_SIZE", "Rows one BigQuery insert takes.", "500", _positive_int),
+    Setting(
+        "BIGQUERY_WRITE_METHOD",
+        "`storage_write`: the Storage Write API, committed streams with offsets, exactly once; `insert_all`: "
+        "streaming inserts, at least once (insertId dedup is best effort). With BIGQUERY_EMULATOR_HOST but no "
+        "BIGQUERY_STORAGE_EMULATOR_HOST, `insert_all`.",
+        "storage_write",
+        _choice("storage_write", "insert_all"),
+    ),
+    Setting(
+        "BIGQUERY_STORAGE_EMULATOR_HOST",
+        "host:port of the BigQuery emulator's gRPC port, for the Storage Write API beside BIGQUERY_EMULATOR_HOST.",
+        parse=_host_port,
+    ),
+    Setting("BIGQUERY_BATCH_SIZE", "Rows one BigQuery insert or append takes.", "500", _positive_int),
     Setting(
         "SINK_TIMEOUT_SECONDS",
         "How long one send to Pub/Sub or BigQuery may take before it is retried later.",
@@ -314,6 +336,8 @@ class Config:
     pubsub_batch_size: int
     pubsub_lanes: int
     pubsub_deadletter_attempts: int
+    bigquery_write_method: str
+    bigquery_storage_emulator_host: str | None
     bigquery_batch_size: int
     sink_timeout_seconds: float
     shutdown_flush_seconds: float
@@ -341,6 +365,8 @@ class Config:
             values["mqtt_client_id"] = f"fmi-mqtt-bridge-{values['app_env'].lower()}"
         if values["bigquery_rejects_table"] is None and values["bigquery_table"]:
             values["bigquery_rejects_table"] = f"{values['bigquery_table']}_rejected"
+        if values["bigquery_emulator_host"] and not values["bigquery_storage_emulator_host"]:
+            values["bigquery_write_method"] = "insert_all"  # an emulator's REST port alone has no Write API
         if values["mqtt_password_file"] is not None:
             try:
                 values["mqtt_password"] = _text_file(values["mqtt_password_file"])

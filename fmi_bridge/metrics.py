@@ -72,6 +72,12 @@ class Metrics:
         self.rejected = Counter("fmi_bridge_messages_rejected", "Messages rejected, by reason", ["reason"], registry=r)
         self.sent = Counter("fmi_bridge_sink_sent", "Records a sink confirmed", ["sink"], registry=r)
         self.failed = Counter("fmi_bridge_sink_failed", "Send attempts that failed", ["sink"], registry=r)
+        self.settle_failed = Counter(
+            "fmi_bridge_settle_failed",
+            "Confirmed records the spool could not record yet (e.g. disk full); kept, not sent again",
+            ["sink"],
+            registry=r,
+        )
         self.retried = Counter(
             "fmi_bridge_sink_retried", "Records left in the spool to send again", ["sink"], registry=r
         )

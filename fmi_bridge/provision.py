@@ -28,6 +28,17 @@ def table_resource(config: Config, table: str, schema_file: str) -> dict[str, An
     return resource
 
 
+def latest_view(config: Config) -> Table:
+    """One row per event_id (its first arrival), for readers of a table written at least once (insert_all)."""
+    table = cloud.table_id(config, config.bigquery_table)
+    view = Table(f"{table}_latest")
+    view.view_query = (
+        f"SELECT * EXCEPT (arrival) FROM (SELECT *, ROW_NUMBER() OVER "
+        f"(PARTITION BY event_id ORDER BY received_at) AS arrival FROM `{table}`) WHERE arrival = 1"
+    )
+    return view
+
+
 def provision(config: Config, publisher: Any = None, bigquery: Any = None) -> list[str]:
     """Return what was created or found, one line each."""
     done: list[str] = []
@@ -50,6 +61,9 @@ def provision(config: Config, publisher: Any = None, bigquery: Any = None) -> li
             assert table is not None  # Config requires it wherever BigQuery is on
             bigquery.create_table(Table.from_api_repr(table_resource(config, table, schema_file)), exists_ok=True)
             done.append(f"table {config.bigquery_dataset}.{table} ready")
+        view = latest_view(config)
+        bigquery.create_table(view, exists_ok=True)
+        done.append(f"view {config.bigquery_dataset}.{view.table_id} ready")
     for line in done:
         log.info(line)
     return done

@@ -78,6 +78,9 @@ class Sender:
             self.spool.settle(self.sink.bit, self._unsettled.done, self._unsettled.dead_letters)
         except SpoolError as exc:
             self.metrics.failed.labels(self.sink.name).inc()
+            self.metrics.settle_failed.labels(self.sink.name).inc(
+                len(self._unsettled.done) + len(self._unsettled.dead_letters)
+            )
             self._warn("cannot record confirmed records in the spool; they are kept, not sent again", str(exc), 0)
             return False
         self._unsettled = WriteResult()

@@ -48,6 +48,11 @@ CREATE TABLE IF NOT EXISTS records (
     pending INTEGER NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS write_streams (
+    lane TEXT PRIMARY KEY,
+    stream TEXT NOT NULL,
+    next_offset INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS imports (
     fingerprint TEXT PRIMARY KEY,
     source TEXT NOT NULL,
@@ -71,6 +76,7 @@ class Record:
     kind: str
     site_code: str | None
     row: dict[str, Any]
+    offset: int | None = None  # its place in a BigQuery write stream, once given (see offset_batch)
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,7 @@ class Spool:
         reading_bits: int,
         reject_bits: int,
         lanes: dict[int, int] | None = None,
+        offset_bits: int = 0,
     ) -> None:
         self.directory = directory
         self.path = directory / SPOOL_FILE
@@ -124,6 +131,7 @@ class Spool:
         self.reading_bits = reading_bits
         self.reject_bits = reject_bits
         self.lanes = lanes or {}  # sink bit -> how many lanes its sites are hashed onto
+        self.offset_bits = offset_bits  # sinks that give records write-stream offsets (BigQuery's Write API)
         self._local = threading.local()
         self._lock = threading.Lock()
         # Writers of this process queue here, not in SQLite's busy handler, which sleeps in growing steps (up to
@@ -186,6 +194,9 @@ class Spool:
             raise
         conn.execute(f"PRAGMA busy_timeout={BUSY_SECONDS * 1000:.0f}")
         conn.executescript(_SCHEMA)
+        if "write_offset" not in {column[1] for column in conn.execute("PRAGMA table_info(records)")}:
+            conn.execute("ALTER TABLE records ADD COLUMN write_offset INTEGER")  # a spool made before it existed
+        conn.execute("CREATE INDEX IF NOT EXISTS offsets_given ON records(kind, id) WHERE write_offset IS NOT NULL")
         for bit in _bits(self.reading_bits | self.reject_bits):
             conn.execute(f"CREATE INDEX IF NOT EXISTS pending_{bit} ON records(id) WHERE pending & {bit}")
         for bit, count in self.lanes.items():
@@ -437,8 +448,10 @@ class Spool:
         with self._transaction(conn):
             # No room check: a dead letter replaces the reading it came from.
             self._insert(conn, rejects)
+            # A sink that gives offsets is done with them once it has settled the record.
+            offset = "NULL" if bit & self.offset_bits else "write_offset"
             cleared = conn.execute(
-                f"UPDATE records SET pending = pending & ~{int(bit)} "
+                f"UPDATE records SET pending = pending & ~{int(bit)}, write_offset = {offset} "
                 f"WHERE pending & {int(bit)} AND id IN (SELECT value FROM json_each(?)) RETURNING size",
                 (json.dumps(ids),),
             ).fetchall()
@@ -466,6 +479,60 @@ class Spool:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+
+    # -- write-stream offsets (exactly-once into BigQuery) -----------------------------------------------------
+
+    def write_stream(self, lane: str) -> str | None:
+        row = self._connection().execute("SELECT stream FROM write_streams WHERE lane = ?", (lane,)).fetchone()
+        return str(row[0]) if row else None
+
+    def start_write_stream(self, lane: str, stream: str, bit: int, kind: str) -> None:
+        """A new stream for the lane: offsets start at 0, and offsets given on an old stream are dropped."""
+        conn = self._connection()
+        with self._transaction(conn):
+            conn.execute("INSERT OR REPLACE INTO write_streams VALUES (?, ?, 0)", (lane, stream))
+            conn.execute(
+                "UPDATE records SET write_offset = NULL "
+                f"WHERE write_offset IS NOT NULL AND kind = ? AND pending & {int(bit)}",
+                (kind,),
+            )
+
+    def offset_batch(self, lane: str, bit: int, kind: str, limit: int, max_bytes: int) -> list[Record]:
+        """The lane's next batch, every record with its stream offset, committed before anything is sent.
+
+        Records already given offsets (a batch sent before a crash, or not yet confirmed) come back as they were,
+        so a resend lands on the same offsets and the stream refuses what it already holds. Otherwise the oldest
+        records get the stream's next offsets.
+        """
+        conn = self._connection()
+        given = conn.execute(
+            f"SELECT id, kind, site_code, body, size, write_offset FROM records "
+            f"WHERE write_offset IS NOT NULL AND kind = ? AND pending & {int(bit)} ORDER BY id",
+            (kind,),
+        ).fetchall()
+        if given:
+            return [_record(row) for row in given]
+        batch = self.pending(bit, limit, kind=kind, max_bytes=max_bytes)
+        if not batch:
+            return []
+        with self._transaction(conn):
+            (first,) = conn.execute("SELECT next_offset FROM write_streams WHERE lane = ?", (lane,)).fetchone()
+            conn.executemany(
+                "UPDATE records SET write_offset = ? WHERE id = ?",
+                [(first + index, record.id) for index, record in enumerate(batch)],
+            )
+            conn.execute("UPDATE write_streams SET next_offset = ? WHERE lane = ?", (first + len(batch), lane))
+        return [Record(r.id, r.kind, r.site_code, r.row, first + index) for index, r in enumerate(batch)]
+
+    def take_back_offsets(self, lane: str, ids: Sequence[int], first: int) -> None:
+        """The stream refused an append whole (e.g. a bad row): its records get offsets again from `first`."""
+        conn = self._connection()
+        with self._transaction(conn):
+            conn.execute(
+                "UPDATE records SET write_offset = NULL WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(list(ids)),),
+            )
+            conn.execute("UPDATE write_streams SET next_offset = ? WHERE lane = ?", (first, lane))
 
     # -- observation ----------------------------------------------------------------------------------------
 
@@ -529,7 +596,7 @@ def _lock_exclusively(path: Path) -> Any:
 
 
 def _record(row: tuple[Any, ...]) -> Record:
-    return Record(row[0], row[1], row[2], json.loads(row[3]))
+    return Record(row[0], row[1], row[2], json.loads(row[3]), row[5] if len(row) > 5 else None)
 
 
 def lane_of(site_code: str | None, lanes: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
 import signal
 import socket
@@ -132,6 +133,7 @@ class BigQueryEmulator:
         self.rest_port = free_port()
         self.grpc_port = free_port()
         self.url = f"http://127.0.0.1:{self.rest_port}"
+        self.grpc_host = f"127.0.0.1:{self.grpc_port}"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> BigQueryEmulator:
@@ -271,7 +273,11 @@ class Bridge:
         return self.process is not None and self.process.poll() is None
 
     def metric(self, name: str, labels: str = "") -> float:
-        _, text = self.status("/metrics")
+        """The metric's value; 0 when it has no sample yet; NaN when the bridge does not answer (so a wait for
+        "0 left" cannot pass on a bridge that is not up)."""
+        status, text = self.status("/metrics")
+        if status != 200:
+            return math.nan
         wanted = f"{name}{{{labels}}}" if labels else name
         for line in text.splitlines():
             if line.startswith(wanted + " "):

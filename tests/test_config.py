@@ -221,3 +221,13 @@ def test_pubsub_endpoint_reaches_the_client_and_the_emulator_wins(
     with_emulator = Config.from_env({**regional, "PUBSUB_EMULATOR_HOST": "127.0.0.1:8085"})
     assert publisher_client(with_emulator).api_endpoint != "us-central1-pubsub.googleapis.com:443"
     assert run({**regional, "PUBSUB_ENDPOINT": "us-central1-pubsub.googleapis.com"}, "check-config").returncode == 2
+
+
+def test_the_write_method_follows_what_the_emulator_offers() -> None:
+    cloud = {"APP_ENV": "DEV", **CLOUD}
+    assert Config.from_env(cloud).bigquery_write_method == "storage_write"  # the default against BigQuery
+    rest_only = {**cloud, "BIGQUERY_EMULATOR_HOST": "http://127.0.0.1:9050"}
+    assert Config.from_env(rest_only).bigquery_write_method == "insert_all"
+    both = {**rest_only, "BIGQUERY_STORAGE_EMULATOR_HOST": "127.0.0.1:9060"}
+    assert Config.from_env(both).bigquery_write_method == "storage_write"
+    assert run({**cloud, "BIGQUERY_WRITE_METHOD": "streaming"}, "check-config").returncode == 2

@@ -112,6 +112,13 @@ def test_provision_twice_is_harmless_and_builds_the_tables_from_the_schemas(
     assert readings_table.clustering_fields == ["site_code", "pi_tag"]
     rejects_table = client.get_table(f"{PROJECT}.provisioned.readings_rejected")
     assert {"reason", "detail", "payload", "mqtt_topic", "received_at"} <= {f.name for f in rejects_table.schema}
+    # insert_all writes at least once: the view gives data engineers one row per event_id.
+    row = {"event_id": "e1", "site_code": "S", "pi_tag": "T", "sensor_id": "s", "value": 1.0, "mqtt_topic": "t",
+           "payload": "{}", "timestamp": "2026-11-20T08:00:00Z"}  # fmt: skip
+    first, again = {**row, "received_at": "2026-11-20T08:00:01Z"}, {**row, "received_at": "2026-11-20T08:00:09Z"}
+    assert client.insert_rows_json(f"{PROJECT}.provisioned.readings", [first, again]) == []
+    latest = bq_query(client, f"SELECT event_id, received_at FROM `{PROJECT}.provisioned.readings_latest`")
+    assert [(r["event_id"], r["received_at"].second) for r in latest] == [("e1", 1)]
     publisher = publisher_client(Config.from_env(env))
     assert publisher.get_topic(topic=f"projects/{PROJECT}/topics/provisioned").name.endswith("/provisioned")
 

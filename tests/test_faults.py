@@ -170,7 +170,13 @@ def test_bigquery_row_errors_go_to_the_rejects_table_and_the_rest_is_inserted(
             field["type"] = "INT64"
     cloud.bq.create_table(bq.Table.from_api_repr(strict))
     table = f"{PROJECT}.{cloud.config.bigquery_dataset}.strict"
-    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_TABLE="strict", BIGQUERY_REJECTS_TABLE="readings_rejected")
+    bridge = start_bridge(
+        bridges,
+        cloud,
+        broker,
+        BIGQUERY_TABLE="strict",
+        BIGQUERY_REJECTS_TABLE="readings_rejected",
+    )
     numeric = [reading(site, seq, sensor=str(1000 + seq)) for seq in range(300) for site in SITES]
     named = [reading(site, seq, sensor="s1") for seq in range(300, 320) for site in SITES]
 

@@ -167,6 +167,8 @@ def test_an_idle_connection_never_delays_a_probe(
     assert bridge.status("/readiness_check")[0] == 200
 
 
+# insertAll's own rules (its 10 MB request limit, whole-request 400s, per-row reasons), through a proxy that can
+# produce them (the fixtures' bridges use insertAll).
 @pytest.fixture
 def bigquery_proxy(bigquery: BigQueryEmulator) -> Iterator[BigQueryProxy]:
     proxy = BigQueryProxy(bigquery.url).start()
@@ -200,8 +202,8 @@ def test_transient_row_errors_are_retried_and_invalid_rows_dead_lettered(
     cloud.bq.create_table(bq.Table.from_api_repr(strict))
     bigquery_proxy.faults.flaky = lambda row: row.get("sensor_id", "").endswith("7")
     bridge = start_bridge(
-        bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url, BIGQUERY_TABLE="strict",
-        BIGQUERY_REJECTS_TABLE="readings_rejected",
+        bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url,
+        BIGQUERY_TABLE="strict", BIGQUERY_REJECTS_TABLE="readings_rejected",
     )  # fmt: skip
     numeric = [reading(site, n, sensor=str(1000 + n)) for n in range(100) for site in SITES]
     named = [reading("S1", n, sensor="abc") for n in range(100, 110)]

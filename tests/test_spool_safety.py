@@ -45,11 +45,10 @@ def small_disk(path: Path, megabytes: int) -> Iterator[Path]:
 def fill(disk: Path) -> Path:
     """Write a file until the disk refuses more."""
     filler = disk / "filler"
-    with filler.open("wb") as out:
+    with filler.open("wb", buffering=0) as out:  # unbuffered: closing must not flush into the full disk
         try:
             while True:
                 out.write(b"\0" * 65536)
-                out.flush()
         except OSError:
             pass
     return filler

@@ -147,7 +147,7 @@ class Rig:
 
 
 @contextmanager
-def rig(pubsub: str, latency: float = 0.0) -> Iterator[Rig]:
+def rig(pubsub: str, latency: float = 0.0, bigquery_method: str = "insert_all") -> Iterator[Rig]:
     work = Path(tempfile.mkdtemp(prefix="fmi-bench-"))
     broker = Broker(work / "broker").start()
     bigquery = BigQueryEmulator(work, PROJECT).start()
@@ -177,9 +177,12 @@ def rig(pubsub: str, latency: float = 0.0) -> Iterator[Rig]:
         "BIGQUERY_TABLE": "readings",
         "PUBSUB_EMULATOR_HOST": pubsub_host,
         "BIGQUERY_EMULATOR_HOST": bigquery_url,
+        "BIGQUERY_WRITE_METHOD": bigquery_method,
         "MQTT_PORT": str(broker.port),
         "LOG_LEVEL": "WARNING",
     }
+    if bigquery_method == "storage_write":
+        env["BIGQUERY_STORAGE_EMULATOR_HOST"] = bigquery.grpc_host
     provision(Config.from_env({**env, "BIGQUERY_EMULATOR_HOST": bigquery.url}))
     try:
         yield Rig(work, broker, bigquery, pubsub_host, env)
@@ -222,14 +225,20 @@ class Completion:
         sql = "SELECT COUNT(DISTINCT event_id) FROM `bench.bench.readings`"
         return int(next(iter(self.bq.query(sql).result()))[0])
 
-    def wait(self, count: int, timeout: float, bigquery_rows: int | None = None) -> float:
-        """Monotonic time when both sinks held `count` readings (BigQuery: `bigquery_rows`, if given)."""
+    def wait(self, count: int, timeout: float, bigquery_rows: int | None = None, bridge: Bridge | None = None) -> float:
+        """Monotonic time when both sinks held `count` readings (BigQuery: `bigquery_rows`, if given). With a
+        bridge on the Write API, BigQuery's side is read from the bridge's metrics until it has sent all: a
+        query during an append can deadlock bqemulator."""
         deadline = time.monotonic() + timeout
         while len(self.pubsub_ids) < count:
             self.pull()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Pub/Sub has {len(self.pubsub_ids)} of {count}")
         self.pubsub_done_at = time.monotonic()
+        while bridge is not None and bridge.metric("fmi_bridge_sink_owed_records", 'sink="bigquery"') != 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError("BigQuery did not get every reading")
+            time.sleep(0.05)
         while self.bigquery_rows() < (bigquery_rows or count):
             if time.monotonic() > deadline:
                 raise TimeoutError("BigQuery did not get every reading")
@@ -258,7 +267,7 @@ def bare_drain(setup: Rig, count: int, sites: int, protocol: str) -> tuple[float
 
 def e2e(options: argparse.Namespace) -> int:
     count = options.readings // options.sites * options.sites
-    with rig(options.pubsub) as setup:
+    with rig(options.pubsub, bigquery_method=options.bigquery) as setup:
         bare5 = bare_drain(setup, count, options.sites, "5")
         bare3 = bare_drain(setup, count, options.sites, "3")
         bridge = Bridge(setup.work, setup.env).start()
@@ -269,11 +278,11 @@ def e2e(options: argparse.Namespace) -> int:
             cpu_before = cpu_seconds(bridge.process.pid)
             started = time.monotonic()
             publisher = run_publisher(setup.broker.port, count, options.sites)
-            done = completion.wait(count, 900)
+            done = completion.wait(count, 900, bridge=bridge if options.bigquery == "storage_write" else None)
             publisher.wait()
             cpu = cpu_seconds(bridge.process.pid) - cpu_before
             bridge_rate = count / (done - started)
-            print(f"{count:,} readings, {options.sites} sites, QoS 1; Pub/Sub: {options.pubsub}")
+            print(f"{count:,} readings, {options.sites} sites, QoS 1; Pub/Sub: {options.pubsub}; {options.bigquery}")
             print(f"bare paho, MQTT 5:        {bare5[0]:,.0f}/s, {bare5[1]:.0f} µs CPU a message")
             print(f"bare paho, MQTT 3.1.1:    {bare3[0]:,.0f}/s, {bare3[1]:.0f} µs CPU a message")
             assert completion.pubsub_done_at is not None
@@ -289,9 +298,11 @@ def e2e(options: argparse.Namespace) -> int:
 
 def backlog(options: argparse.Namespace) -> int:
     count = options.readings // options.sites * options.sites
-    with rig(options.pubsub) as setup:
+    with rig(options.pubsub, bigquery_method=options.bigquery) as setup:
         dead = f"127.0.0.1:{free_port()}"  # nothing listens: both sinks fail
         down = {**setup.env, "PUBSUB_EMULATOR_HOST": dead, "BIGQUERY_EMULATOR_HOST": f"http://{dead}"}
+        if "BIGQUERY_STORAGE_EMULATOR_HOST" in down:
+            down["BIGQUERY_STORAGE_EMULATOR_HOST"] = dead
         spooling = Bridge(setup.work, down).start()
         completion = Completion(setup)
         try:
@@ -304,10 +315,12 @@ def backlog(options: argparse.Namespace) -> int:
         draining = Bridge(setup.work, setup.env).start()
         try:
             started = time.monotonic()
-            done = completion.wait(count, 3600)
+            done = completion.wait(count, 3600, bridge=draining if options.bigquery == "storage_write" else None)
             assert draining.process is not None
             assert completion.pubsub_done_at is not None
-            print(f"backlog of {count:,} readings, {options.sites} sites; Pub/Sub: {options.pubsub}")
+            print(
+                f"backlog of {count:,} readings, {options.sites} sites; Pub/Sub: {options.pubsub}; {options.bigquery}"
+            )
             print(f"drain, Pub/Sub:           {rate(count, completion.pubsub_done_at - started)}")
             print(f"drain, both sinks:        {rate(count, done - started)}")
             print(f"  bridge peak RSS:        {peak_rss_mib(draining.process.pid):.0f} MiB")
@@ -378,6 +391,7 @@ def main() -> int:
         mode.add_argument("--readings", type=int, default=default)
         mode.add_argument("--sites", type=int, default=10)
         mode.add_argument("--pubsub", choices=("google", "server"), default="google")
+        mode.add_argument("--bigquery", choices=("storage_write", "insert_all"), default="storage_write")
     mode = modes.add_parser("baseline")
     mode.add_argument("--messages", type=int, default=300)
     mode.add_argument("--latency", type=float, default=0.02)

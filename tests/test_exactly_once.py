@@ -1,0 +1,109 @@
+"""Exactly once into BigQuery with the Storage Write API: a batch that landed but was never recorded as sent
+(the spool's disk full at that moment), then kill -9, then a restart: the resend carries the same stream
+offsets, the stream answers ALREADY_EXISTS, and the table holds one row per reading. Rows are counted, not
+distinct ids."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PROJECT, PubSubEndpoint, make_cloud, start_bridge
+from tests.support import (
+    BigQueryEmulator,
+    Bridge,
+    Broker,
+    Published,
+    bq_query,
+    expected_ids,
+    publish,
+    readings,
+    wait_until,
+)
+from tests.test_spool_safety import fill, small_disk
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def own_bigquery(tmp_path: Path) -> Iterator[BigQueryEmulator]:
+    emulator = BigQueryEmulator(tmp_path, PROJECT).start()
+    yield emulator
+    assert emulator.process is not None
+    emulator.process.send_signal(signal.SIGCONT)
+    emulator.stop()
+
+
+def test_kill_9_between_append_and_settle_leaves_exactly_one_row_per_reading(
+    broker: Broker,
+    pubsub_endpoint: PubSubEndpoint,
+    own_bigquery: BigQueryEmulator,
+    bridges: Callable[..., Bridge],
+    tmp_path: Path,
+) -> None:
+    cloud = make_cloud(pubsub_endpoint, own_bigquery)
+    assert own_bigquery.process is not None
+    with small_disk(tmp_path / "disk", 40) as disk:
+        spool = disk / "spool"
+        env = {
+            "SPOOL_DIR": str(spool),
+            "SPOOL_MIN_FREE_BYTES": str(1024**2),
+            "SINK_TIMEOUT_SECONDS": "2",
+            "BIGQUERY_STORAGE_EMULATOR_HOST": own_bigquery.grpc_host,
+        }
+        bridge = start_bridge(bridges, cloud, broker, **env)
+        first = readings(["S1", "S2"], 5)
+        publish(broker.port, first)
+        wait_until(lambda: bridge.metric("fmi_bridge_sink_owed_records", 'sink="bigquery"') == 0, 30, "warm-up rows")
+
+        own_bigquery.process.send_signal(signal.SIGSTOP)  # BigQuery hangs: the next appends time out
+        rest = readings(["S1", "S2"], 150, start=5)
+        publish(broker.port, rest)
+        wait_until(
+            lambda: bridge.metric("fmi_bridge_lane_failed_total", 'lane="bigquery/readings"') >= 1, 30, "a timeout"
+        )
+        (spool / "spool.db.reserve").unlink()
+        filler = fill(disk)  # now nothing can be recorded in the spool
+        own_bigquery.process.send_signal(signal.SIGCONT)
+
+        wait_until(
+            lambda: bridge.metric("fmi_bridge_settle_failed_total", 'sink="bigquery"') > 0, 60, "a landed append"
+        )
+        bridge.kill()  # kill -9: the spool still says those rows are owed
+        filler.unlink()
+        bridge.start()
+        bridge.wait_ready()
+
+        wait_until(lambda: bridge.metric("fmi_bridge_spool_records") == 0, 90, "everything settled after the restart")
+    table = cloud.readings_table
+    assert bq_query(cloud.bq, f"SELECT count(*) AS n FROM `{table}`")[0]["n"] == len(first + rest)
+    assert {row[0] for row in bq_query(cloud.bq, f"SELECT event_id FROM `{table}`")} == expected_ids(first + rest)
+    cloud.reader.close()
+
+
+def test_readings_and_rejects_go_through_their_write_streams(
+    broker: Broker,
+    pubsub_endpoint: PubSubEndpoint,
+    own_bigquery: BigQueryEmulator,
+    bridges: Callable[..., Bridge],
+) -> None:
+    cloud = make_cloud(pubsub_endpoint, own_bigquery)
+    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=own_bigquery.grpc_host)
+    good = readings(["S1", "S2", "S3"], 400)
+    bad = [Published("FCTS/FAE/S1/SolvExtract/T", b"not json %d" % n) for n in range(30)]
+
+    publish(broker.port, good + bad)
+
+    # Settled first, queried after: a query during an append can deadlock the emulator (not BigQuery).
+    wait_until(lambda: bridge.metric("fmi_bridge_sink_sent_total", 'sink="bigquery"') == len(good + bad), 60, "sent")
+    assert bridge.metric("fmi_bridge_sink_owed_records", 'sink="bigquery"') == 0
+    rows = bq_query(cloud.bq, f"SELECT event_id, timestamp FROM `{cloud.readings_table}`")
+    assert len(rows) == len(good) and {row["event_id"] for row in rows} == expected_ids(good)
+    assert {row["timestamp"].year for row in rows} == {2026}  # timestamps as the Write API's microseconds
+    rejects = bq_query(cloud.bq, f"SELECT reason FROM `{cloud.rejects_table}`")
+    assert [row["reason"] for row in rejects] == ["bad_json"] * len(bad)
+    assert '"opened a BigQuery write stream"' in bridge.output()
+    cloud.reader.close()
