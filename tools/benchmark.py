@@ -250,6 +250,13 @@ def rate(count: int, seconds: float) -> str:
     return f"{count / seconds:,.0f}/s ({seconds:.1f} s)"
 
 
+def report(what: str, count: int, completion: Completion, started: float, done: float, *, bridge: Bridge) -> None:
+    assert completion.pubsub_done_at is not None and bridge.process is not None
+    print(f"{what + ', Pub/Sub:':<26}{rate(count, completion.pubsub_done_at - started)}")
+    print(f"{what + ', both sinks:':<26}{rate(count, done - started)}")
+    print(f"  bridge peak RSS:        {peak_rss_mib(bridge.process.pid):.0f} MiB")
+
+
 # -- modes -----------------------------------------------------------------------------------------------------
 
 
@@ -285,12 +292,9 @@ def e2e(options: argparse.Namespace) -> int:
             print(f"{count:,} readings, {options.sites} sites, QoS 1; Pub/Sub: {options.pubsub}; {options.bigquery}")
             print(f"bare paho, MQTT 5:        {bare5[0]:,.0f}/s, {bare5[1]:.0f} µs CPU a message")
             print(f"bare paho, MQTT 3.1.1:    {bare3[0]:,.0f}/s, {bare3[1]:.0f} µs CPU a message")
-            assert completion.pubsub_done_at is not None
-            print(f"bridge, Pub/Sub:          {rate(count, completion.pubsub_done_at - started)}")
-            print(f"bridge, both sinks:       {rate(count, done - started)}")
+            report("bridge", count, completion, started, done, bridge=bridge)
             print(f"  ratio to bare MQTT 5:   {bridge_rate / bare5[0]:.2f}")
             print(f"  bridge CPU a reading:   {cpu / count * 1e6:.0f} µs")
-            print(f"  bridge peak RSS:        {peak_rss_mib(bridge.process.pid):.0f} MiB")
         finally:
             bridge.stop()
     return 0
@@ -316,14 +320,10 @@ def backlog(options: argparse.Namespace) -> int:
         try:
             started = time.monotonic()
             done = completion.wait(count, 3600, bridge=draining if options.bigquery == "storage_write" else None)
-            assert draining.process is not None
-            assert completion.pubsub_done_at is not None
             print(
                 f"backlog of {count:,} readings, {options.sites} sites; Pub/Sub: {options.pubsub}; {options.bigquery}"
             )
-            print(f"drain, Pub/Sub:           {rate(count, completion.pubsub_done_at - started)}")
-            print(f"drain, both sinks:        {rate(count, done - started)}")
-            print(f"  bridge peak RSS:        {peak_rss_mib(draining.process.pid):.0f} MiB")
+            report("drain", count, completion, started, done, bridge=draining)
         finally:
             draining.stop()
     return 0
