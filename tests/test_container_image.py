@@ -36,7 +36,7 @@ def sh(*args: str, timeout: float = 600, check: bool = True) -> subprocess.Compl
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> str:
+def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     missing = [tool for tool in ("buildah", "podman", "debootstrap", "runc") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"cannot build or run containers here: {', '.join(missing)} not installed (make container-test)")
@@ -55,7 +55,10 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     )  # fmt: skip
     size = int(sh("podman", "image", "inspect", "--format", "{{.Size}}", IMAGE).stdout.strip())
     print(f"\nimage {IMAGE}: built in {time.monotonic() - started:.0f} s, {size / 1e6:.0f} MB")
-    return IMAGE
+    yield IMAGE
+    # Each build makes a new image of about 400 MB: leave none behind (the stand-in base stays, it is the cache).
+    sh("podman", "rmi", "-f", IMAGE, check=False, timeout=120)
+    sh("podman", "image", "prune", "-f", check=False, timeout=120)
 
 
 class Container:
