@@ -26,7 +26,7 @@ from google.api_core.exceptions import GoogleAPIError
 from google.auth.exceptions import DefaultCredentialsError
 
 from fmi_bridge import cloud, spool_admin
-from fmi_bridge.config import Config, ConfigError
+from fmi_bridge.config import SETTINGS, Config, ConfigError
 from fmi_bridge.health import HealthServer
 from fmi_bridge.inbox import Inbox
 from fmi_bridge.intake import Intake
@@ -52,6 +52,9 @@ EXIT_FAULT = 1
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] in (["--help"], ["-h"], ["help"]):
+        print(usage())
+        return 0
     command, operands = (args[0], args[1:]) if args else ("run", [])
     commands: dict[str, Callable[..., int]] = {
         "run": run,
@@ -77,6 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     except GoogleAPIError as exc:  # e.g. provision against an unreachable or refusing API
         print(f"{command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAULT
+
+
+def usage() -> str:
+    """The commands (this module's docstring) and every variable with its default, for --help."""
+    commands = __doc__.split("\n\n")[1] if __doc__ else ""
+    width = max(len(setting.name) for setting in SETTINGS)
+    variables = "\n".join(
+        f"    {setting.name:<{width}}  {setting.default if setting.default is not None else '-'}"
+        for setting in SETTINGS
+    )
+    return f"{commands}\n\nConfiguration, from the environment (README.md explains each):\n{variables}"
 
 
 def check_config(config: Config) -> int:

@@ -15,7 +15,9 @@ from typing import Any
 
 ENVIRONMENTS = ("LOCAL", "DEV", "PPRD", "PRD")
 CLOUD_ENVIRONMENTS = ("DEV", "PPRD", "PRD")
-DEFAULT_TOPIC = "FCTS/FAE/+/SolvExtract/+"
+# `#`, not `+`, after SolvExtract: a topic one level too deep still arrives and becomes a `bad_topic` reject, so a
+# mis-configured site is seen. Other applications' FCTS/FAE/... traffic stays outside the filter.
+DEFAULT_TOPIC = "FCTS/FAE/+/SolvExtract/#"
 
 
 class ConfigError(ValueError):
@@ -350,7 +352,11 @@ class Config:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for setting in SETTINGS:
-            raw = environ.get(setting.name, "").strip() or setting.default
+            given = environ.get(setting.name)
+            if given is not None and not given.strip() and setting.default is not None:
+                # Set but empty is a mistake (a template not filled in), not a request for the default.
+                raise ConfigError(f"{setting.name} is set but empty; unset it for the default {setting.default!r}")
+            raw = (given or "").strip() or setting.default
             if raw is None:
                 values[setting.name.lower()] = None
                 continue

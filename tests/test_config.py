@@ -47,6 +47,8 @@ def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         ({"APP_ENV": "LOCAL", "SPOOL_MAX_BYTES": "-1"}, "SPOOL_MAX_BYTES", "at least 1048576"),
         ({"APP_ENV": "LOCAL", "SPOOL_MIN_FREE_BYTES": "0"}, "SPOOL_MIN_FREE_BYTES", "positive"),
         ({"APP_ENV": "LOCAL", "MQTT_TOPIC": "a,,b"}, "MQTT_TOPIC", "non-empty"),
+        ({"APP_ENV": "LOCAL", "MQTT_PORT": ""}, "MQTT_PORT", "set but empty"),
+        ({"APP_ENV": "LOCAL", "SPOOL_DIR": "  "}, "SPOOL_DIR", "set but empty"),
         (
             {"APP_ENV": "LOCAL", "MQTT_TOPIC": "FCTS/#/SolvExtract"},
             "MQTT_TOPIC",
@@ -147,7 +149,7 @@ def test_check_config_prints_the_effective_configuration_with_secrets_masked(tmp
     assert "s3cret" not in result.stdout + result.stderr
     assert shown["BIGQUERY_REJECTS_TABLE"] == "readings_rejected"
     assert shown["MQTT_CLIENT_ID"] == "fmi-mqtt-bridge-prd"
-    assert shown["MQTT_TOPIC"] == "FCTS/FAE/+/SolvExtract/+"
+    assert shown["MQTT_TOPIC"] == "FCTS/FAE/+/SolvExtract/#"
     assert shown["sinks"] == ["pubsub", "bigquery"]
 
 
@@ -231,3 +233,12 @@ def test_the_write_method_follows_what_the_emulator_offers() -> None:
     both = {**rest_only, "BIGQUERY_STORAGE_EMULATOR_HOST": "127.0.0.1:9060"}
     assert Config.from_env(both).bigquery_write_method == "storage_write"
     assert run({**cloud, "BIGQUERY_WRITE_METHOD": "streaming"}, "check-config").returncode == 2
+
+
+def test_help_lists_the_commands_and_every_variable() -> None:
+    result = run({}, "--help")
+    assert result.returncode == 0 and result.stderr == ""
+    for command in ("check-config", "provision", "status", "spool-import"):
+        assert command in result.stdout
+    for setting in SETTINGS:
+        assert setting.name in result.stdout

@@ -89,3 +89,16 @@ def test_a_lone_surrogate_is_rejected_and_the_bridge_keeps_going(
     assert "U+D800" in rows[0]["detail"]
     assert bridge.alive()
     assert bridge.metric("fmi_bridge_mqtt_connects_total") == 1  # never restarted, never redelivered
+
+
+def test_a_topic_one_level_too_deep_is_a_visible_reject_under_the_default_filter(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]
+) -> None:
+    bridge = start_bridge(bridges, cloud, broker)  # default MQTT_TOPIC
+    deep = Published("FCTS/FAE/MOR/SolvExtract/PI/X", json.dumps(GOOD).encode())
+
+    publish(broker.port, [deep])
+
+    rows = wait_until(lambda: bq_query(cloud.bq, f"SELECT * FROM `{cloud.rejects_table}`"), 30, "the reject")
+    assert [(row["reason"], row["mqtt_topic"]) for row in rows] == [(r.BAD_TOPIC, deep.topic)]
+    assert bridge.metric("fmi_bridge_messages_rejected_total", 'reason="bad_topic"') == 1
