@@ -195,7 +195,9 @@ def run(config: Config) -> int:
     inbox = Inbox()  # paho's thread → intake, bounded: the link stops reading when it is full
     link = MqttLink(config, metrics, inbox)
     senders = [Sender(sink, spool, metrics) for sink in sinks]
-    intake = Intake(spool, metrics, inbox, ack=link.ack_later, committed=lambda: wake(senders))
+    intake = Intake(
+        spool, metrics, inbox, ack=link.ack_later, committed=lambda: wake(senders), log_rejects=config.bigquery_enabled
+    )
     sink_bits = {sink.name: sink.bit for sink in sinks}
     stats = StatsReporter(
         spool, metrics, sink_bits, interval=config.stats_log_seconds, lag_warn_seconds=config.sink_lag_warn_seconds

@@ -35,9 +35,11 @@ class Intake:
         ack: Callable[[list[Inbound]], None],
         committed: Callable[[], None],
         validator: Callable[[Inbound], Reading | Reject] = validate,
+        log_rejects: bool = True,
     ) -> None:
         self.spool = spool
         self._validate = validator
+        self._log_rejects = log_rejects  # False where the log itself is the rejects' sink: each logged once
         self.metrics = metrics
         self.inbox = inbox
         self._ack = ack
@@ -89,6 +91,8 @@ class Intake:
 
     def _count_reject(self, reject: Reject) -> None:
         self.metrics.rejected.labels(reject.reason).inc()
+        if not self._log_rejects:
+            return
         allowed, held_back = self._reject_log.allow(reject.reason)
         if not allowed:
             self.metrics.logs_suppressed.inc()

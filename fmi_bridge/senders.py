@@ -10,7 +10,7 @@ import time
 from fmi_bridge.backoff import Backoff
 from fmi_bridge.logs import RateLimiter
 from fmi_bridge.metrics import Metrics
-from fmi_bridge.sinks import Sink, WriteResult
+from fmi_bridge.sinks import Sink, SinkUnavailableError, WriteResult
 from fmi_bridge.spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
@@ -30,24 +30,48 @@ class Sender:
         # What the sink confirmed but the spool has not recorded yet (e.g. disk full): settled before anything
         # else, and never sent again meanwhile.
         self._unsettled = WriteResult()
+        self._down_since: float | None = None  # when the lane's current run of failures began
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.heartbeat = time.monotonic()
             try:
                 progressed = self._round()
+            except SinkUnavailableError as exc:
+                self._failed()
+                self._warn("sink unavailable", str(exc), self.owed())
+                progressed = False
             except Exception:  # thread boundary: log, count, keep the loop alive
                 log.exception("sender round failed", extra={"sink": self.sink.lane})
-                self.metrics.failed.labels(self.sink.name).inc()
-                self.metrics.lane_failed.labels(self.sink.lane).inc()
+                self._failed()
                 progressed = False
             if progressed is None:
                 self.wakeup.wait(IDLE_POLL_SECONDS)
                 self.wakeup.clear()
             elif progressed:
                 self._backoff.reset()
+                self._recovered()
             else:
+                self._down_since = self._down_since or time.monotonic()
                 stop.wait(self._backoff.next_delay())
+
+    def _failed(self) -> None:
+        self.metrics.failed.labels(self.sink.name).inc()
+        self.metrics.lane_failed.labels(self.sink.lane).inc()
+
+    def _recovered(self) -> None:
+        """One line when a lane that was failing delivers again: how long it was down, what it then owed."""
+        if self._down_since is None:
+            return
+        log.info(
+            "sink recovered",
+            extra={
+                "sink": self.sink.lane,
+                "down_seconds": round(time.monotonic() - self._down_since, 1),
+                "owed_records": self.owed(),
+            },
+        )
+        self._down_since = None
 
     def _round(self) -> bool | None:
         """None when there was nothing to send, else whether anything left the spool."""
@@ -63,6 +87,8 @@ class Sender:
         started = time.monotonic()
         try:
             result = self.sink.write(batch)
+        except SinkUnavailableError:
+            raise  # the batch stays in the spool; run() waits a backoff and says what to do
         except Exception as exc:  # a sink fault must not lose the batch: it stays in the spool
             log.exception("sink write failed", extra={"sink": self.sink.lane})
             result = WriteResult(retry=[record.id for record in batch], error=str(exc))

@@ -21,7 +21,7 @@ from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry
 
 from fmi_bridge.events import dead_letter_row
-from fmi_bridge.sinks import BIGQUERY, WriteResult
+from fmi_bridge.sinks import BIGQUERY, WriteResult, missing
 from fmi_bridge.spool import READING, REJECT, Record, Spool
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,9 @@ class BigQuerySink:
                 return {group[0].id: (True, f"{exc.code}: {exc.message}")}
             half = len(group) // 2
             return {**self._insert(group[:half]), **self._insert(group[half:])}
-        except Exception as exc:  # network, 5xx, timeouts, 403/404: all worth another try later
+        except api_exceptions.NotFound as exc:
+            raise missing(f"BigQuery table {table}") from exc
+        except Exception as exc:  # network, 5xx, timeouts, 403: all worth another try later
             raise _TransientError(f"insert into {table} failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
         return {group[entry["index"]].id: _classify(entry.get("errors", [])) for entry in errors}
 

@@ -31,7 +31,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from fmi_bridge.events import dead_letter_row
 from fmi_bridge.sink_bigquery import REQUEST_BYTES, Destination
-from fmi_bridge.sinks import BIGQUERY, WriteResult
+from fmi_bridge.sinks import BIGQUERY, WriteResult, missing
 from fmi_bridge.spool import READING, Record, Spool
 
 log = logging.getLogger(__name__)
@@ -125,12 +125,15 @@ class StorageWriteSink:
         )
 
     def _new_stream(self, spool: Spool) -> str:
-        stream = self.client.create_write_stream(
-            parent=self._parent,
-            write_stream=types.WriteStream(type_=types.WriteStream.Type.COMMITTED),
-            retry=None,  # the sender retries, with backoff; the client's default would retry for minutes
-            timeout=self.timeout,
-        ).name
+        try:
+            stream = self.client.create_write_stream(
+                parent=self._parent,
+                write_stream=types.WriteStream(type_=types.WriteStream.Type.COMMITTED),
+                retry=None,  # the sender retries, with backoff; the client's default would retry for minutes
+                timeout=self.timeout,
+            ).name
+        except api_exceptions.NotFound as exc:
+            raise missing(f"BigQuery table {self.destination.table}") from exc
         spool.start_write_stream(self._stream_key, stream, self.bit, self.destination.kind)
         log.info("opened a BigQuery write stream", extra={"lane": self.lane, "stream": stream})
         return str(stream)

@@ -25,7 +25,7 @@ from google.api_core import exceptions as api_exceptions
 from google.pubsub_v1 import types
 
 from fmi_bridge.events import dead_letter_row, kpi_message
-from fmi_bridge.sinks import PUBSUB, WriteResult
+from fmi_bridge.sinks import PUBSUB, WriteResult, missing
 from fmi_bridge.spool import Record, Spool
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,8 @@ class PubSubSink:
             half = len(records) // 2
             first = self._publish(records[:half], result)
             return first if first < half else half + self._publish(records[half:], result)
+        except api_exceptions.NotFound as exc:
+            raise missing(f"Pub/Sub topic {self.topic_path}") from exc
         except Exception as exc:  # transient, or an operator's to fix: the whole request waits in the spool
             result.error = f"{type(exc).__name__}: {str(exc)[:300]}"
             return 0

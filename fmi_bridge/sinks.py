@@ -16,6 +16,15 @@ BIGQUERY = 2
 LOG = 4
 
 
+class SinkUnavailableError(Exception):
+    """The sink cannot be used at all now (e.g. its topic or table is missing): the round waits a backoff; the
+    message says what an operator can do."""
+
+
+def missing(resource: str) -> SinkUnavailableError:
+    return SinkUnavailableError(f"{resource} does not exist: `python mqtt_subscriber.py provision` creates it")
+
+
 @dataclass
 class WriteResult:
     """done: confirmed; dead_letters: refused for good, with the rejects-table row to keep instead;

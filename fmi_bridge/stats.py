@@ -33,6 +33,7 @@ class StatsReporter:
         self.heartbeat = time.monotonic()
         self._samples: deque[tuple[float, float]] = deque()  # (monotonic time, bytes spooled so far)
         self._lagging: set[str] = set()
+        self._backlog: tuple[float, int] | None = None  # (since, peak records) while a backlog lasts
 
     def run(self, stop: threading.Event) -> None:
         next_line = time.monotonic() + self.interval
@@ -40,6 +41,7 @@ class StatsReporter:
             self.heartbeat = time.monotonic()
             self._sample()
             self._warn_on_lag()
+            self._note_backlog()
             if time.monotonic() >= next_line:
                 log.info("stats", extra=self.summary())
                 next_line += self.interval
@@ -84,6 +86,21 @@ class StatsReporter:
             if not lagging and name in self._lagging:
                 log.info("sink caught up", extra={"sink": name, "owed_records": owed.records})
             self._lagging = (self._lagging | {name}) if lagging else (self._lagging - {name})
+
+    def _note_backlog(self) -> None:
+        """One INFO line when the spool has drained after a backlog, with how long it lasted and its peak."""
+        oldest = max((self.spool.owed(bit).oldest_age_seconds for bit in self.sinks.values()), default=0.0)
+        records = self.spool.stats().records
+        if oldest > self.lag_warn_seconds:  # the backlog the lag warning announced
+            since, peak = self._backlog or (time.monotonic() - oldest, 0)
+            self._backlog = (since, max(peak, records))
+        elif self._backlog is not None and oldest < SAMPLE_SECONDS:
+            since, peak = self._backlog
+            log.info(
+                "spool drained after a backlog",
+                extra={"backlog_seconds": round(time.monotonic() - since), "peak_records": peak},
+            )
+            self._backlog = None
 
     def summary(self) -> dict[str, Any]:
         """The fields of the `stats` line; deploy/ alerting reads them by these names."""

@@ -51,6 +51,8 @@ def test_a_missing_rejects_table_holds_up_no_reading(
 
     wait_until(lambda: bq_distinct_ids(cloud.bq, cloud.readings_table) == expected_ids(good), 60, "every reading")
     assert bridge.metric("fmi_bridge_sink_owed_records", 'sink="bigquery"') == len(rejects)
+    hint = next(e for e in bridge.log_entries() if e.get("message") == "sink unavailable")
+    assert hint["sink"] == "bigquery/rejects" and "provision` creates it" in hint["error"]
     assert bridge.metric("fmi_bridge_lane_failed_total", 'lane="bigquery/rejects"') >= 1
 
     cloud.bq.create_table(
@@ -95,7 +97,7 @@ def test_the_outage_budget_is_visible_in_metrics_and_in_the_stats_line(
     publish(broker.port, messages)
 
     wait_until(lambda: bridge.metric("fmi_bridge_sink_owed_records", 'sink="pubsub"') == len(messages), 30, "owed")
-    assert bridge.metric("fmi_bridge_sink_owed_records", 'sink="bigquery"') == 0
+    wait_until(lambda: bridge.metric("fmi_bridge_sink_owed_records", 'sink="bigquery"') == 0, 30, "BigQuery done")
     assert bridge.metric("fmi_bridge_sink_owed_bytes", 'sink="pubsub"') == bridge.metric("fmi_bridge_spool_bytes") > 0
     warning = wait_until(
         lambda: [e for e in bridge.log_entries() if e.get("message", "").startswith("sink is falling behind")],
@@ -105,6 +107,7 @@ def test_the_outage_budget_is_visible_in_metrics_and_in_the_stats_line(
     assert warning["sink"] == "pubsub" and warning["owed_records"] == len(messages)
     assert warning["severity"] == "WARNING" and warning["oldest_age_seconds"] > 2
     assert bridge.metric("fmi_bridge_sink_oldest_owed_age_seconds", 'sink="pubsub"') > 2
+    time.sleep(1.5)  # a stats line written after BigQuery finished
     stats = [e for e in bridge.log_entries() if e.get("message") == "stats"][-1]
     assert stats["owed_records"] == {"pubsub": len(messages), "bigquery": 0}
     assert stats["received"] == stats["accepted"] == len(messages) and stats["rejected"] == 0
@@ -114,6 +117,12 @@ def test_the_outage_budget_is_visible_in_metrics_and_in_the_stats_line(
     faults.unavailable = False
     wait_until(lambda: bridge.metric("fmi_bridge_sink_owed_records", 'sink="pubsub"') == 0, 60, "caught up")
     wait_until(lambda: any(e.get("message") == "sink caught up" for e in bridge.log_entries()), 10, "the recovery")
+    recovered = [e for e in bridge.log_entries() if e.get("message") == "sink recovered"]
+    assert recovered and all(e["sink"].startswith("pubsub") and e["down_seconds"] > 2 for e in recovered)
+    drained = wait_until(
+        lambda: [e for e in bridge.log_entries() if e.get("message") == "spool drained after a backlog"], 15, "drained"
+    )
+    assert drained[0]["peak_records"] >= len(messages) and drained[0]["backlog_seconds"] > 2
 
 
 def test_time_to_full_follows_the_intake_rate(

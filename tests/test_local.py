@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.support import Bridge, Broker, expected_ids, publish, readings, wait_until
+from tests.support import Bridge, Broker, Published, expected_ids, publish, readings, wait_until
 
 
 class ConnectionTrap:
@@ -60,13 +60,16 @@ def test_local_logs_each_event_and_makes_no_cloud_call(
     bridge = bridges(env).start()
     bridge.wait_ready()
     messages = readings(["MOR", "BAG"], per_site=20)
+    bad = Published("FCTS/FAE/MOR/SolvExtract/TAG1", b"not json at all")
 
-    publish(broker.port, messages)
+    publish(broker.port, [*messages, bad])
 
     def logged_ids() -> set[str]:
         return {e["event_id"] for e in bridge.log_entries() if e.get("message") == "reading"}
 
     wait_until(lambda: logged_ids() == expected_ids(messages), 30, "every reading in the log")
+    rejected = wait_until(lambda: [line for line in bridge.output().splitlines() if "bad_json" in line], 10, "reject")
+    assert len(rejected) == 1  # logged once: by the log sink, LOCAL's rejects table
     assert trap.connections == 0
-    assert bridge.metric("fmi_bridge_sink_sent_total", 'sink="log"') == len(messages)
+    assert bridge.metric("fmi_bridge_sink_sent_total", 'sink="log"') == len(messages) + 1  # and the reject
     assert bridge.metric("fmi_bridge_sink_sent_total", 'sink="pubsub"') == 0
