@@ -1,9 +1,11 @@
 # One container: Mosquitto and the subscriber under Supervisor (see supervisord.conf), both as a non-root user.
+# LISTEN_ADDRESS=0.0.0.0: the container has its own network; only the ports published with it are reachable.
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PORT=8080 \
+    LISTEN_ADDRESS=0.0.0.0 \
     SPOOL_DIR=/data/spool \
     MOSQUITTO_DATA_DIR=/data/mosquitto \
     BRIDGE_RUN_DIR=/tmp/fmi-mqtt-bridge

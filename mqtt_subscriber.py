@@ -214,7 +214,11 @@ def run(config: Config) -> int:
         loops.add(f"sender-{sender.sink.lane}", sender)
     loops.add("stats", stats)
     health = HealthServer(
-        config.port, liveness=loops.liveness, readiness=lambda: readiness(link, intake, spool), metrics=metrics
+        config.port,
+        host=config.listen_address,
+        liveness=loops.liveness,
+        readiness=lambda: readiness(link, intake, spool),
+        metrics=metrics,
     )
     health.start()
     loops.start()

@@ -216,6 +216,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MQTT_TLS_CERT", "Client certificate file for mutual TLS (optional).", parse=_readable_file),
     Setting("MQTT_TLS_KEY", "Client key file for mutual TLS (goes with MQTT_TLS_CERT).", parse=_readable_file),
     Setting("PORT", "HTTP port for /liveness_check, /readiness_check and /metrics.", "8080", _port),
+    Setting(
+        "LISTEN_ADDRESS",
+        "Address the health port and the broker's listener bind to; default `127.0.0.1` in LOCAL (a developer's "
+        "machine), `0.0.0.0` in DEV, PPRD and PRD (App Engine's probes and the sites must reach them).",
+    ),
     Setting("SPOOL_DIR", "Folder of the durable spool (SQLite); must survive restarts.", "spool", Path),
     Setting(
         "SPOOL_MAX_BYTES",
@@ -329,6 +334,7 @@ class Config:
     mqtt_tls_cert: Path | None
     mqtt_tls_key: Path | None
     port: int
+    listen_address: str
     spool_dir: Path
     spool_max_bytes: int
     spool_min_free_bytes: int
@@ -367,6 +373,8 @@ class Config:
                 raise ConfigError(f"{setting.name}={shown}: {exc}") from exc
         if values["app_env"] is None:
             raise ConfigError(f"APP_ENV is required: one of {', '.join(ENVIRONMENTS)}")
+        if values["listen_address"] is None:
+            values["listen_address"] = listen_address(values["app_env"])
         if values["mqtt_client_id"] is None:
             values["mqtt_client_id"] = f"fmi-mqtt-bridge-{values['app_env'].lower()}"
         if values["bigquery_rejects_table"] is None and values["bigquery_table"]:
@@ -451,6 +459,10 @@ class Config:
             name for name, on in (("pubsub", self.pubsub_enabled), ("bigquery", self.bigquery_enabled)) if on
         ] or ["log"]
         return shown
+
+
+def listen_address(app_env: str) -> str:
+    return "127.0.0.1" if app_env == "LOCAL" else "0.0.0.0"
 
 
 def markdown_table(settings: tuple[Setting, ...]) -> str:

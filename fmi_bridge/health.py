@@ -25,7 +25,7 @@ class HealthServer:
     connections of their own, so the short-lived threads leave nothing open."""
 
     def __init__(
-        self, port: int, *, liveness: Check, readiness: Check, metrics: Metrics, host: str = "0.0.0.0"
+        self, port: int, *, liveness: Check, readiness: Check, metrics: Metrics, host: str
     ) -> None:
         checks = {"/liveness_check": liveness, "/readiness_check": readiness}
 

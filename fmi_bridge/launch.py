@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from fmi_bridge.broker_conf import SECURED_ENVIRONMENTS, BrokerSecurity, acl_text, render
-from fmi_bridge.config import ENVIRONMENTS, Setting
+from fmi_bridge.config import ENVIRONMENTS, Setting, listen_address
 from fmi_bridge.secrets import SecretError, fetch_secrets
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -92,7 +92,10 @@ def prepare(environ: dict[str, str]) -> Path:
             tls_ca=_file(environ, "MOSQUITTO_TLS_CA") if environ.get("MOSQUITTO_TLS_CA") else None,
         )
     conf = run_dir / "mosquitto.conf"
-    conf.write_text(render(app_env, port=int(port_text), data_dir=data_dir, run_as=_user(), security=security))
+    bind = environ.get("LISTEN_ADDRESS") or listen_address(app_env)
+    conf.write_text(
+        render(app_env, port=int(port_text), data_dir=data_dir, run_as=_user(), security=security, bind_address=bind)
+    )
     environ.setdefault("MQTT_PORT", port_text)
     environ["BRIDGE_RUN_DIR"] = str(run_dir)
     environ["BRIDGE_APP_DIR"] = str(APP_DIR)

@@ -63,6 +63,17 @@ def http_get(port: int, path: str) -> tuple[int, str]:
         return 0, str(exc)
 
 
+def listening_on(port: int) -> set[str]:
+    """The IPv4 addresses a TCP port listens on, from /proc/net/tcp (0.0.0.0: every interface)."""
+    addresses = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            addresses.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return addresses
+
+
 def port_open(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)

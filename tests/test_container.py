@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, free_port, http_get, mosquitto_pub, wait_until
+from tests.support import ROOT, free_port, http_get, listening_on, mosquitto_pub, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -151,3 +151,10 @@ def test_broker_log_lines_reach_the_container_log_at_once(container: Container) 
 
     wait_until(lambda: f"as {client_id}" in container.output(), 5, "the broker's connection line", interval=0.02)
     assert time.monotonic() - sent < 1.0
+
+
+def test_local_listens_on_loopback_only(container: Container) -> None:
+    """An anonymous broker and the metrics port must not face a developer's network."""
+    wait_until(container.ready, 60, "readiness")
+    assert listening_on(container.mqtt_port) == {"127.0.0.1"}
+    assert listening_on(container.http_port) == {"127.0.0.1"}

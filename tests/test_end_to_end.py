@@ -21,6 +21,7 @@ from tests.support import (
     bq_distinct_ids,
     bq_query,
     expected_ids,
+    listening_on,
     mosquitto_pub,
     publish,
     readings,
@@ -121,6 +122,13 @@ def test_provision_twice_is_harmless_and_builds_the_tables_from_the_schemas(
     assert [(r["event_id"], r["received_at"].second) for r in latest] == [("e1", 1)]
     publisher = publisher_client(Config.from_env(env))
     assert publisher.get_topic(topic=f"projects/{PROJECT}/topics/provisioned").name.endswith("/provisioned")
+
+
+def test_cloud_environments_listen_on_every_interface(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]
+) -> None:
+    bridge = start_bridge(bridges, cloud, broker)  # APP_ENV=DEV: App Engine's probes come from outside
+    assert listening_on(bridge.port) == {"0.0.0.0"}
 
 
 def test_a_list_of_filters_shards_sites_across_bridges(
