@@ -24,9 +24,7 @@ class HealthServer:
     (App Engine restarts an instance after a few failed liveness probes). The checks read the spool only on
     connections of their own, so the short-lived threads leave nothing open."""
 
-    def __init__(
-        self, port: int, *, liveness: Check, readiness: Check, metrics: Metrics, host: str
-    ) -> None:
+    def __init__(self, port: int, *, liveness: Check, readiness: Check, metrics: Metrics, host: str) -> None:
         checks = {"/liveness_check": liveness, "/readiness_check": readiness}
 
         class Handler(BaseHTTPRequestHandler):
