@@ -34,7 +34,7 @@ from fmi_bridge.logs import setup_logging
 from fmi_bridge.loops import Loops
 from fmi_bridge.metrics import Metrics
 from fmi_bridge.mqtt_link import MqttLink
-from fmi_bridge.provision import SCHEMAS, provision
+from fmi_bridge.provision import SCHEMAS, ProvisionError, provision
 from fmi_bridge.senders import Sender
 from fmi_bridge.shutdown import stop_in_order
 from fmi_bridge.sink_bigquery import BigQuerySink, destinations
@@ -99,7 +99,12 @@ def check_config(config: Config) -> int:
 
 
 def provision_resources(config: Config) -> int:
-    provision(config)
+    try:
+        for line in provision(config):
+            print(line)
+    except ProvisionError as exc:
+        print(f"provision failed: {exc}", file=sys.stderr)
+        return EXIT_FAULT
     return 0
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import jsonschema
@@ -21,6 +22,7 @@ from tests.support import (
     bq_distinct_ids,
     bq_query,
     expected_ids,
+    free_port,
     listening_on,
     mosquitto_pub,
     publish,
@@ -142,3 +144,23 @@ def test_a_list_of_filters_shards_sites_across_bridges(
 
     assert cloud.reader.wait_for(len(mine), timeout=30) == expected_ids(mine)
     wait_until(lambda: bridge.metric("fmi_bridge_messages_received_total") == len(mine), 10, "the intake count")
+
+
+def test_provision_answers_fast_when_nothing_listens_and_when_there_is_nothing_to_do() -> None:
+    closed = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "APP_ENV": "LOCAL", "GCP_PROJECT_ID": PROJECT, "PUBSUB_TOPIC": "kpi"}
+    env = {key: value for key, value in env.items() if "EMULATOR_HOST" not in key}
+
+    def provision_with(extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, str(ROOT / "mqtt_subscriber.py"), "provision"]
+        return subprocess.run(command, env={**env, **extra}, capture_output=True, text=True, timeout=60, check=False)
+
+    started = time.monotonic()
+    result = provision_with({"PUBSUB_EMULATOR_HOST": closed})
+    assert time.monotonic() - started < 30  # a few seconds, not the client's minutes of retries
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and closed in lines[0] and "PUBSUB_EMULATOR_HOST" in lines[0], result.stderr
+
+    nothing = provision_with({})
+    assert nothing.returncode == 0 and "nothing to provision" in nothing.stdout
