@@ -67,19 +67,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: mqtt_subscriber.py [{' | '.join(commands)}]  (spool-import takes a FILE)", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        config = Config.from_env()
+        config = load_config(needs_cloud=command in ("run", "check-config", "provision"))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.log_level)
     try:
         return commands[command](config, *operands)
-    except DefaultCredentialsError as exc:
-        print(f"configuration error: no Google credentials for APP_ENV={config.app_env}: {exc}", file=sys.stderr)
+    except DefaultCredentialsError as exc:  # found at start, then gone (a key file removed meanwhile)
+        print(f"configuration error: no Google credentials: {cloud.HOW_TO_SUPPLY_CREDENTIALS} ({exc})", file=sys.stderr)
         return EXIT_CONFIG
     except GoogleAPIError as exc:  # e.g. provision against an unreachable or refusing API
         print(f"{command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAULT
+
+
+def load_config(needs_cloud: bool) -> Config:
+    """The environment's configuration; for commands that reach the cloud, also whether credentials exist."""
+    config = Config.from_env()
+    problem = cloud.credentials_problem(config) if needs_cloud else None
+    if problem:
+        raise ConfigError(problem)
+    return config
 
 
 def usage() -> str:

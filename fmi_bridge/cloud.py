@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+import google.auth
 import google.pubsub_v1 as pubsub_gapic
 import grpc
 from google.auth.credentials import AnonymousCredentials
+from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import bigquery, bigquery_storage_v1
 from google.cloud.bigquery_storage_v1.services.big_query_write.transports import BigQueryWriteGrpcTransport
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
@@ -53,3 +56,26 @@ def bigquery_write_client(config: Config) -> Any:
     return bigquery_storage_v1.BigQueryWriteClient(  # type: ignore[no-untyped-call]
         **emulator_transport(config.bigquery_storage_emulator_host, BigQueryWriteGrpcTransport)
     )
+
+
+HOW_TO_SUPPLY_CREDENTIALS = (
+    "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, run where the platform provides a "
+    "service account (App Engine, workload identity), or run `gcloud auth application-default login`"
+)
+
+
+def credentials_problem(config: Config) -> str | None:
+    """None when every cloud sink has what it needs (emulators need no credentials), else one line on how to
+    supply Application Default Credentials."""
+    needed = (config.pubsub_enabled and not config.pubsub_emulator_host) or (
+        config.bigquery_enabled and not config.bigquery_emulator_host
+    )
+    if not needed:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the library's own warning line would come before ours
+            google.auth.default()
+    except DefaultCredentialsError as exc:
+        return f"no Google credentials for APP_ENV={config.app_env}: {HOW_TO_SUPPLY_CREDENTIALS} ({exc})"
+    return None

@@ -25,6 +25,8 @@ def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         for key, value in os.environ.items()
         if key not in {s.name for s in SETTINGS} and not key.startswith("MQTT_")
     }
+    # Never let credential discovery probe the GCE metadata server (not on this machine's loopback).
+    clean["NO_GCE_CHECK"] = "True"
     return subprocess.run(
         [sys.executable, str(ROOT / "mqtt_subscriber.py"), *args],
         env={**clean, **env},
@@ -132,10 +134,27 @@ def test_prd_needs_credentials_besides_tls(ca: Path) -> None:
     assert "MQTT_PASSWORD" in result.stderr
 
 
+def service_account_key(folder: Path, ca: Path) -> Path:
+    """A syntactically real key file: Application Default Credentials load from it without any network."""
+    key = {
+        "type": "service_account",
+        "project_id": "p",
+        "private_key_id": "k",
+        "private_key": ca.with_name("ca.key").read_text(),
+        "client_email": "bridge@p.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    }
+    path = folder / "service-account.json"
+    path.write_text(json.dumps(key))
+    return path
+
+
 def test_check_config_prints_the_effective_configuration_with_secrets_masked(tmp_path: Path, ca: Path) -> None:
     secret = tmp_path / "password"
     secret.write_text("s3cret-from-file\n")
     env = {
+        "GOOGLE_APPLICATION_CREDENTIALS": str(service_account_key(tmp_path, ca)),
         "APP_ENV": "PRD",
         **CLOUD,
         "MQTT_TLS_CA": str(ca),
@@ -179,19 +198,27 @@ def test_readme_lists_every_variable_as_declared() -> None:
     assert render(readme) == readme, "run tools/readme_tables.py"
 
 
-def test_a_cloud_environment_without_google_credentials_stops_with_one_line(tmp_path: Path) -> None:
-    result = run(
-        {
-            "APP_ENV": "DEV",
-            **CLOUD,
-            "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "missing.json"),
-            "PUBSUB_EMULATOR_HOST": "",
-            "BIGQUERY_EMULATOR_HOST": "",
-        }
-    )
+@pytest.mark.parametrize("command", [(), ("check-config",), ("provision",)])
+def test_a_cloud_environment_without_google_credentials_stops_with_one_line(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    env = {
+        "APP_ENV": "DEV",
+        **CLOUD,
+        "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "missing.json"),
+        "PUBSUB_EMULATOR_HOST": "",
+        "BIGQUERY_EMULATOR_HOST": "",
+    }
+    result = run(env, *command)
     assert result.returncode == 2
     assert result.stderr.startswith("configuration error: no Google credentials for APP_ENV=DEV")
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert (
+        "GOOGLE_APPLICATION_CREDENTIALS" in result.stderr and "gcloud auth application-default login" in result.stderr
+    )
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    # Emulators need no credentials: the same environment with them set passes the check.
+    emulated = {**env, "PUBSUB_EMULATOR_HOST": "127.0.0.1:8085", "BIGQUERY_EMULATOR_HOST": "http://127.0.0.1:9050"}
+    assert run(emulated, "check-config").returncode == 0
 
 
 def test_pubsub_endpoint_reaches_the_client_and_the_emulator_wins(
@@ -200,22 +227,9 @@ def test_pubsub_endpoint_reaches_the_client_and_the_emulator_wins(
     """A regional endpoint keeps a site's ordered publishes in one region; tests still go to the emulator."""
     from fmi_bridge.cloud import publisher_client
 
-    key = ca.with_name("ca.key").read_text()
-    credentials = tmp_path / "service-account.json"
-    credentials.write_text(
-        json.dumps(
-            {
-                "type": "service_account",
-                "project_id": "p",
-                "private_key_id": "k",
-                "private_key": key,
-                "client_email": "bridge@p.iam.gserviceaccount.com",
-                "client_id": "1",
-                "token_uri": "https://oauth2.googleapis.com/token",
-            }
-        )
-    )
-    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(credentials))  # builds the client; nothing is sent
+    monkeypatch.setenv(
+        "GOOGLE_APPLICATION_CREDENTIALS", str(service_account_key(tmp_path, ca))
+    )  # builds the client; nothing is sent
     regional = {"APP_ENV": "DEV", **CLOUD, "PUBSUB_ENDPOINT": "us-central1-pubsub.googleapis.com:443"}
 
     assert publisher_client(Config.from_env(regional)).api_endpoint == "us-central1-pubsub.googleapis.com:443"
