@@ -75,15 +75,11 @@ class Sender:
 
     def _round(self) -> bool | None:
         """None when there was nothing to send, else whether anything left the spool."""
-        late = self.sink.confirmed_late()
-        if late:
-            self._unsettled.done.extend(late)
-            self.metrics.sent.labels(self.sink.name).inc(len(late))
         if not self._settle_unsettled():
             return False
         batch = self.sink.next_batch(self.spool)
         if not batch:
-            return True if late else None
+            return None
         started = time.monotonic()
         try:
             result = self.sink.write(batch)

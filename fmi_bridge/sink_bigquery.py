@@ -67,9 +67,6 @@ class BigQuerySink:
         # Our own retry loop lives in the sender; the client only smooths over short blips.
         self._retry = Retry(initial=0.2, maximum=2.0, timeout=min(timeout, 10.0))
 
-    def confirmed_late(self) -> list[int]:
-        return []  # inserts are synchronous: every outcome is known within its round
-
     def next_batch(self, spool: Spool) -> list[Record]:
         return spool.pending(
             self.bit,

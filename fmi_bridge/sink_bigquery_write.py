@@ -111,9 +111,6 @@ class StorageWriteSink:
         self._stream: str | None = None
         self._spool: Spool | None = None  # the spool of the round in progress
 
-    def confirmed_late(self) -> list[int]:
-        return []
-
     def owed(self, spool: Spool) -> int:
         return spool.count_pending(self.bit, self.destination.kind)
 

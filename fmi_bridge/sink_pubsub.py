@@ -61,9 +61,6 @@ class PubSubSink:
         self.timeout = timeout
         self._attempts: dict[int, int] = {}  # record id -> times refused when sent alone
 
-    def confirmed_late(self) -> list[int]:
-        return []  # each Publish request is answered within its round
-
     def next_batch(self, spool: Spool) -> list[Record]:
         return spool.pending(self.bit, self.batch_size, lane=self.lane_number, max_bytes=REQUEST_BYTES)
 

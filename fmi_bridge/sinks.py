@@ -45,10 +45,6 @@ class Sink(Protocol):
         """Records this lane still has to send."""
         ...
 
-    def confirmed_late(self) -> list[int]:
-        """Records confirmed after their round ended (to settle before choosing the next batch)."""
-        ...
-
     def next_batch(self, spool: Spool) -> list[Record]: ...
 
     def write(self, records: list[Record]) -> WriteResult: ...
@@ -67,9 +63,6 @@ class LogSink:
 
     def owed(self, spool: Spool) -> int:
         return spool.count_pending(self.bit)
-
-    def confirmed_late(self) -> list[int]:
-        return []
 
     def next_batch(self, spool: Spool) -> list[Record]:
         return spool.pending(self.bit, self.batch_size)

@@ -368,7 +368,6 @@ class Spool:
         self,
         bit: int,
         limit: int,
-        exclude_sites: Iterable[str] = (),
         *,
         kind: str | None = None,
         lane: int | None = None,
@@ -376,7 +375,6 @@ class Spool:
     ) -> list[Record]:
         """Oldest records still waiting for the sink with this bit (of one kind, or of one lane's sites, if
         given), in spool order; at most `limit` records and, past the first, at most `max_bytes` of them."""
-        excluded = sorted(set(exclude_sites))
         sql = f"SELECT id, kind, site_code, body, size FROM records WHERE pending & {int(bit)}"
         params: list[Any] = []
         if lane is not None:
@@ -385,9 +383,6 @@ class Spool:
         if kind is not None:
             sql += " AND kind = ?"
             params.append(kind)
-        if excluded:
-            sql += " AND (site_code IS NULL OR site_code NOT IN (SELECT value FROM json_each(?)))"
-            params.append(json.dumps(excluded))
         sql += " ORDER BY id LIMIT ?"
         params.append(limit)
         records: list[Record] = []
@@ -398,18 +393,6 @@ class Spool:
                 break
             records.append(_record(row))
         return records
-
-    def first_pending_for_site(self, bit: int, site_code: str) -> Record | None:
-        row = (
-            self._connection()
-            .execute(
-                f"SELECT id, kind, site_code, body FROM records WHERE pending & {int(bit)} AND site_code = ? "
-                "ORDER BY id LIMIT 1",
-                (site_code,),
-            )
-            .fetchone()
-        )
-        return _record(row) if row else None
 
     def _lane_clause(self, bit: int) -> str:
         # The literal lane count, so SQLite matches the expression index.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fmi_bridge.spool import READING, REJECT, Entry, Spool, SpoolFullError
+from fmi_bridge.spool import READING, REJECT, Entry, Spool, SpoolFullError, lane_of
 from fmi_bridge.spool import entry as spool_entry
 
 PUBSUB, BIGQUERY = 1, 2
@@ -41,19 +41,19 @@ def test_a_record_leaves_only_when_every_sink_confirmed(tmp_path: Path) -> None:
     assert spool.stats().records == 2
 
 
-def test_pending_skips_excluded_sites_and_keeps_spool_order(tmp_path: Path) -> None:
-    spool = open_spool(tmp_path)
-    spool.append([entry(n, site) for n in range(3) for site in ("A", "B", "C")])
-    assert [(r.site_code, r.row["n"]) for r in spool.pending(PUBSUB, 10, exclude_sites={"B"})] == [
-        ("A", 0),
-        ("C", 0),
-        ("A", 1),
-        ("C", 1),
-        ("A", 2),
-        ("C", 2),
-    ]
-    first_b = spool.first_pending_for_site(PUBSUB, "B")
-    assert first_b is not None and first_b.row["n"] == 0
+def test_a_lane_takes_only_its_own_sites_in_spool_order(tmp_path: Path) -> None:
+    spool = Spool.open(
+        tmp_path, max_bytes=10**9, min_free_bytes=1, reading_bits=PUBSUB | BIGQUERY, reject_bits=BIGQUERY,
+        lanes={PUBSUB: 2},
+    )  # fmt: skip
+    sites = ("A", "B", "C", "D")
+    spool.append([entry(n, site) for n in range(3) for site in sites])
+    for lane in (0, 1):
+        mine = [site for site in sites if lane_of(site, 2) == lane]
+        assert [(r.site_code, r.row["n"]) for r in spool.pending(PUBSUB, 20, lane=lane)] == [
+            (site, n) for n in range(3) for site in mine
+        ]
+    assert {lane_of(site, 2) for site in sites} == {0, 1}  # both lanes have sites
 
 
 def test_a_dead_letter_becomes_a_reject_for_bigquery_in_the_same_step(tmp_path: Path) -> None:
