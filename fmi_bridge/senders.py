@@ -41,6 +41,10 @@ class Sender:
                 self._failed()
                 self._warn("sink unavailable", str(exc), self.owed())
                 progressed = False
+            except SpoolError as exc:  # e.g. disk full: nothing was sent; the same step is tried again later
+                self._failed()
+                self._warn("cannot record the lane's progress in the spool", str(exc), self.owed())
+                progressed = False
             except Exception:  # thread boundary: log, count, keep the loop alive
                 log.exception("sender round failed", extra={"sink": self.sink.lane})
                 self._failed()

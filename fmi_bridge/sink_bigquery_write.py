@@ -115,8 +115,11 @@ class StorageWriteSink:
         return spool.count_pending(self.bit, self.destination.kind)
 
     def next_batch(self, spool: Spool) -> list[Record]:
-        self._stream = self._stream or spool.write_stream(self._stream_key) or self._new_stream(spool)
         self._spool = spool
+        if self._stream is None:
+            if not self.owed(spool):
+                return []  # a stream is opened only for something to send: CreateWriteStream has a quota
+            self._stream = spool.write_stream(self._stream_key) or self._new_stream(spool)
         return spool.offset_batch(
             self._stream_key, self.bit, self.destination.kind, self.batch_size, REQUEST_BYTES - 100 * self.batch_size
         )

@@ -463,6 +463,17 @@ class Spool:
                     conn.execute("ROLLBACK")
                 raise
 
+    @contextmanager
+    def _bookkeeping(self, what: str) -> Iterator[sqlite3.Connection]:
+        """A sender's own bookkeeping in one transaction; a failure (disk full, I/O) is a SpoolError naming it,
+        which the sender retries after a backoff."""
+        conn = self._connection()
+        try:
+            with self._transaction(conn):
+                yield conn
+        except sqlite3.Error as exc:
+            raise SpoolError(f"{what} failed: {_describe(exc)}") from exc
+
     # -- write-stream offsets (exactly-once into BigQuery) -----------------------------------------------------
 
     def write_stream(self, lane: str) -> str | None:
@@ -471,8 +482,7 @@ class Spool:
 
     def start_write_stream(self, lane: str, stream: str, bit: int, kind: str) -> None:
         """A new stream for the lane: offsets start at 0, and offsets given on an old stream are dropped."""
-        conn = self._connection()
-        with self._transaction(conn):
+        with self._bookkeeping("recording a new write stream") as conn:
             conn.execute("INSERT OR REPLACE INTO write_streams VALUES (?, ?, 0)", (lane, stream))
             conn.execute(
                 "UPDATE records SET write_offset = NULL "
@@ -498,7 +508,7 @@ class Spool:
         batch = self.pending(bit, limit, kind=kind, max_bytes=max_bytes)
         if not batch:
             return []
-        with self._transaction(conn):
+        with self._bookkeeping("giving stream offsets") as conn:
             (first,) = conn.execute("SELECT next_offset FROM write_streams WHERE lane = ?", (lane,)).fetchone()
             conn.executemany(
                 "UPDATE records SET write_offset = ? WHERE id = ?",
@@ -509,8 +519,7 @@ class Spool:
 
     def take_back_offsets(self, lane: str, ids: Sequence[int], first: int) -> None:
         """The stream refused an append whole (e.g. a bad row): its records get offsets again from `first`."""
-        conn = self._connection()
-        with self._transaction(conn):
+        with self._bookkeeping("taking back stream offsets") as conn:
             conn.execute(
                 "UPDATE records SET write_offset = NULL WHERE id IN (SELECT value FROM json_each(?))",
                 (json.dumps(list(ids)),),

@@ -57,7 +57,12 @@ def test_kill_9_between_append_and_settle_leaves_exactly_one_row_per_reading(
         bridge = start_bridge(bridges, cloud, broker, **env)
         first = readings(["S1", "S2"], 5)
         publish(broker.port, first)
-        wait_until(lambda: bridge.metric("fmi_bridge_sink_owed_records", 'sink="bigquery"') == 0, 30, "warm-up rows")
+        # Sent, not "nothing owed": owed is 0 too before the first reading reaches the spool.
+        wait_until(
+            lambda: bridge.metric("fmi_bridge_sink_sent_total", 'sink="bigquery"') == len(first), 30, "warm-up rows"
+        )
+        opened = [e["lane"] for e in bridge.log_entries() if e.get("message") == "opened a BigQuery write stream"]
+        assert opened == ["bigquery/readings"]  # no stream for the rejects table, which has nothing to write
 
         own_bigquery.process.send_signal(signal.SIGSTOP)  # BigQuery hangs: the next appends time out
         rest = readings(["S1", "S2"], 150, start=5)
