@@ -161,7 +161,12 @@ def build_sinks(config: Config) -> list[Sink]:
             encoders = (RowEncoder(SCHEMAS / "bigquery_readings.json"), RowEncoder(SCHEMAS / "bigquery_rejects.json"))
             sinks += [
                 StorageWriteSink(
-                    writer, table, encoder, instance=config.mqtt_client_id, batch_size=batch, timeout=timeout
+                    writer,
+                    table,
+                    encoder,
+                    instance=config.mqtt_client_id,
+                    batch_size=config.bigquery_append_rows,
+                    timeout=timeout,
                 )
                 for table, encoder in zip(tables, encoders, strict=True)
             ]

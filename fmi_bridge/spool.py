@@ -536,13 +536,14 @@ class Spool:
             return conn.execute(sql, params).fetchone()
 
     def stats(self) -> SpoolStats:
-        row = self._observe("SELECT min(created_at) FROM records")
+        # The head of the spool, through the primary key: min(created_at) would read every record.
+        row = self._observe("SELECT created_at FROM records ORDER BY id LIMIT 1")
         age = max(0.0, time.time() - row[0]) if row and row[0] is not None else 0.0
         with self._lock:
             return SpoolStats(self._records, self._bytes, age)
 
     def owed(self, bit: int) -> Owed:
-        row = self._observe(f"SELECT min(created_at) FROM records WHERE pending & {int(bit)}")
+        row = self._observe(f"SELECT created_at FROM records WHERE pending & {int(bit)} ORDER BY id LIMIT 1")
         age = max(0.0, time.time() - row[0]) if row and row[0] is not None else 0.0
         with self._lock:
             count, size = self._owed.get(bit, (0, 0))
