@@ -122,6 +122,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+# One decoder for every message: json.loads with options builds a new one on each call.
+_JSON = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+
+
 def _decode(payload: bytes) -> dict[str, Any]:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise _RejectError(PAYLOAD_TOO_LARGE, f"{len(payload)} bytes, at most {MAX_PAYLOAD_BYTES}")
@@ -130,7 +134,7 @@ def _decode(payload: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise _RejectError(BAD_ENCODING, f"not UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
-        document = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        document = _JSON.decode(text)
     except (ValueError, RecursionError) as exc:
         # JSONDecodeError and Python's int-size limit are ValueErrors; deep nesting is a RecursionError.
         detail = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"

@@ -258,7 +258,7 @@ class Completion:
 
 class Acknowledged(threading.Thread):
     """When each sink had acknowledged every reading (a Publish or an append answered OK), read from the
-    bridge's own counters every 50 ms. This is the bridge's drain; a subscriber or a query sees the readings
+    bridge's own counters every 100 ms. This is the bridge's drain; a subscriber or a query sees the readings
     later, at the emulator's own pace on this shared machine."""
 
     def __init__(self, bridge: Bridge, count: int) -> None:
@@ -277,7 +277,7 @@ class Acknowledged(threading.Thread):
                     and self.bridge.metric("fmi_bridge_sink_sent_total", f'sink="{sink}"') >= self.count
                 ):
                     self.at[sink] = time.monotonic()
-            time.sleep(0.05)
+            time.sleep(0.1)
         self.cpu_at_both = cpu_seconds(self.bridge.process.pid)
 
 
