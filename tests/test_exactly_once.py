@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.bigquery_write_proxy import WriteApiProxy
 from tests.conftest import PROJECT, PubSubEndpoint, make_cloud, start_bridge
 from tests.support import (
     BigQueryEmulator,
@@ -20,6 +21,7 @@ from tests.support import (
     bq_query,
     expected_ids,
     publish,
+    reading,
     readings,
     wait_until,
 )
@@ -111,4 +113,43 @@ def test_readings_and_rejects_go_through_their_write_streams(
     rejects = bq_query(cloud.bq, f"SELECT reason FROM `{cloud.rejects_table}`")
     assert [row["reason"] for row in rejects] == ["bad_json"] * len(bad)
     assert '"opened a BigQuery write stream"' in bridge.output()
+    cloud.reader.close()
+
+
+def test_rows_the_write_api_refuses_go_to_the_rejects_table_and_the_rest_land_once(
+    broker: Broker,
+    pubsub_endpoint: PubSubEndpoint,
+    own_bigquery: BigQueryEmulator,
+    bridges: Callable[..., Bridge],
+) -> None:
+    cloud = make_cloud(pubsub_endpoint, own_bigquery)
+    proxy = WriteApiProxy(own_bigquery.grpc_host, "readings", refuse=b"s-refused").start()
+    try:
+        bridge = start_bridge(bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=proxy.host)
+        first = readings(["S1", "S2"], 100)
+        refused = [reading(site, seq, sensor="s-refused") for seq in range(100, 105) for site in ("S1", "S2")]
+        later = readings(["S1", "S2"], 20, start=200)
+        good = first + later
+
+        def settled(count: int) -> bool:
+            sent = bridge.metric("fmi_bridge_sink_sent_total", 'sink="bigquery"')
+            return sent >= count and bridge.metric("fmi_bridge_sink_owed_records", 'sink="bigquery"') == 0
+
+        publish(broker.port, first[:100] + refused + first[100:])
+        wait_until(lambda: settled(len(first) + len(refused)), 60, "the first rows settled")
+        assert proxy.refused_appends >= 1
+        # The next batch must continue the stream where the re-offset batch ended: a gap would lose the stream.
+        publish(broker.port, later)
+        wait_until(lambda: settled(len(good) + len(refused)), 60, "the later rows settled")
+    finally:
+        proxy.stop()
+    assert "write stream lost" not in bridge.output()
+    # Counted rows, not distinct ids: the batches re-offset after a refusal must not have landed twice.
+    rows = bq_query(cloud.bq, f"SELECT event_id FROM `{cloud.readings_table}`")
+    assert sorted(row["event_id"] for row in rows) == sorted(expected_ids(good))
+    rejects = bq_query(cloud.bq, f"SELECT event_id, reason, detail FROM `{cloud.rejects_table}`")
+    assert {row["event_id"] for row in rejects} == expected_ids(refused) and len(rejects) == len(refused)
+    assert {row["reason"] for row in rejects} == {"bigquery_rejected"}
+    assert all("field value refused" in row["detail"] for row in rejects)
+    assert bridge.metric("fmi_bridge_sink_dead_lettered_total", 'sink="bigquery"') == len(refused)
     cloud.reader.close()
