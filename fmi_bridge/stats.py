@@ -34,6 +34,7 @@ class StatsReporter:
         self._samples: deque[tuple[float, float]] = deque()  # (monotonic time, bytes spooled so far)
         self._lagging: set[str] = set()
         self._backlog: tuple[float, int] | None = None  # (since, peak records) while a backlog lasts
+        self._last_counts = {"received": 0, "rejected": 0}  # at the previous stats line
 
     def run(self, stop: threading.Event) -> None:
         next_line = time.monotonic() + self.interval
@@ -107,15 +108,24 @@ class StatsReporter:
         metrics, stats = self.metrics, self.spool.stats()
         left = self.seconds_to_full()
         owed = {name: self.spool.owed(bit) for name, bit in self.sinks.items()}
-        return {
+        counts = {
             "received": int(metrics.total("fmi_bridge_messages_received_total")),
-            "accepted": int(metrics.total("fmi_bridge_messages_accepted_total")),
             "rejected": int(metrics.total("fmi_bridge_messages_rejected_total")),
+        }
+        # Per line as well as since start: a log-based metric can alert on a rate only from per-line values.
+        since_last = {f"{name}_in_interval": counts[name] - self._last_counts[name] for name in counts}
+        self._last_counts = counts
+        return {
+            "received": counts["received"],
+            "accepted": int(metrics.total("fmi_bridge_messages_accepted_total")),
+            "rejected": counts["rejected"],
+            **since_last,
             "sent": {name: int(metrics.total("fmi_bridge_sink_sent_total", sink=name)) for name in self.sinks},
             "owed_records": {name: o.records for name, o in owed.items()},
             "owed_bytes": {name: o.bytes for name, o in owed.items()},
             "oldest_owed_age_seconds": {name: round(o.oldest_age_seconds, 1) for name, o in owed.items()},
             "spool_records": stats.records,
+            "spool_oldest_age_seconds": round(stats.oldest_age_seconds, 1),
             "spool_bytes": stats.bytes,
             "spool_max_bytes": self.spool.max_bytes,
             "spool_seconds_to_full": None if left is None else round(left),

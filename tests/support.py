@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from fmi_bridge.broker_conf import BrokerSecurity, render
 
@@ -483,3 +484,26 @@ def bq_query(client: Any, sql: str) -> list[Any]:
 
 def bq_distinct_ids(client: Any, table: str) -> set[str]:
     return {row[0] for row in bq_query(client, f"SELECT DISTINCT event_id FROM `{table}`")}
+
+
+# -- The Cloud SDK's own code, offline --------------------------------------------------------------------------
+
+CLOUD_SDK = Path("/usr/lib/google-cloud-sdk")
+SDK_PYTHON = CLOUD_SDK / "platform" / "bundledpythonunix" / "bin" / "python3"
+
+
+def cloud_sdk_python(script: str, *args: str) -> list[dict[str, Any]]:
+    """Run `script` with the Cloud SDK's bundled Python and its libraries (what gcloud itself runs); return the
+    JSON objects it printed, one a line. Skips where the SDK is not installed."""
+    if not SDK_PYTHON.exists():
+        pytest.skip(f"the Cloud SDK is not installed ({SDK_PYTHON} missing)")
+    result = subprocess.run(
+        [str(SDK_PYTHON), "-c", script, *args],
+        env={"PYTHONPATH": f"{CLOUD_SDK / 'lib'}:{CLOUD_SDK / 'lib' / 'third_party'}", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]

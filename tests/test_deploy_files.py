@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from pathlib import Path
@@ -14,7 +13,7 @@ import yaml
 from fmi_bridge.config import ENVIRONMENTS, SETTINGS
 from fmi_bridge.launch import LAUNCH_SETTINGS
 from fmi_bridge.secrets import SECRET_FILE_VARIABLES
-from tests.support import venv_tool
+from tests.support import cloud_sdk_python, venv_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DESCRIPTORS = {"DEV": "dev.yml", "PPRD": "pprd.yml", "PRD": "prd.yml"}
@@ -184,8 +183,6 @@ def test_dockerfile_is_lint_clean_and_runs_as_non_root() -> None:
     assert "requirements.txt" in copied and "fmi_bridge/" in copied and "schemas/" in copied
 
 
-CLOUD_SDK = Path("/usr/lib/google-cloud-sdk")
-SDK_PYTHON = CLOUD_SDK / "platform" / "bundledpythonunix" / "bin" / "python3"
 # What `gcloud app deploy` runs first on a service file: the Cloud SDK's own parser, offline.
 PARSE = """
 import json, sys
@@ -200,18 +197,7 @@ for path in sys.argv[1:]:
 
 
 def gcloud_parse(*paths: Path) -> dict[str, dict[str, str]]:
-    if not SDK_PYTHON.exists():
-        pytest.skip(f"the Cloud SDK is not installed ({SDK_PYTHON} missing)")
-    result = subprocess.run(
-        [str(SDK_PYTHON), "-c", PARSE, *map(str, paths)],
-        env={"PYTHONPATH": f"{CLOUD_SDK / 'lib'}:{CLOUD_SDK / 'lib' / 'third_party'}", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    answers = cloud_sdk_python(PARSE, *map(str, paths))
     return {Path(answer["path"]).name: answer for answer in answers}
 
 
