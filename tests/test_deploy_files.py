@@ -165,6 +165,103 @@ def test_pipeline_stages_gates_and_keyless_auth() -> None:
     assert {jobs[env]["variables"]["APP_YAML"] for env in jobs} == set(DESCRIPTORS.values())
 
 
+def shellcheck(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [venv_tool("shellcheck"), "--shell=sh", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_every_shell_line_of_the_pipeline_and_the_dns_step_is_shellcheck_clean(tmp_path: Path) -> None:
+    ci = load("project-ci.yml")
+    lines = [
+        line
+        for job in ci.values()
+        if isinstance(job, dict)
+        for key in ("before_script", "script")
+        for line in job.get(key, [])
+    ]
+    assert any("site_dns.sh" in line for line in lines)
+    script = tmp_path / "pipeline.sh"
+    script.write_text("#!/bin/sh\nset -eu\n" + "\n".join(lines) + "\n")
+    for path in (script, ROOT / "deploy" / "site_dns.sh"):
+        result = shellcheck(path)
+        assert result.returncode == 0, result.stdout
+
+
+def test_shellcheck_is_a_real_check(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.sh"
+    broken.write_text(
+        "#!/bin/sh\nfor old in $(echo a b); do gcloud app versions stop $old --quiet; done\nif [ 1 ]; then\n"
+    )
+    assert shellcheck(broken).returncode != 0
+
+
+# A recording stand-in for gcloud: the dry run of the DNS step (no Google API is reachable from a test).
+FAKE_GCLOUD = """#!/bin/sh
+echo "$*" >> "$GCLOUD_LOG"
+case "$*" in
+  "app instances list"*) echo 203.0.113.7 ;;
+  "dns record-sets describe"*) exit "$RECORD_MISSING" ;;
+  "app versions list"*) printf 'v-old\\n' ;;
+esac
+"""
+
+
+def run_dns_step(
+    tmp_path: Path, record_missing: bool, **env: str
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+    (bin_dir / "gcloud").chmod(0o755)
+    log = tmp_path / "gcloud.log"
+    log.unlink(missing_ok=True)
+    variables = {
+        "GCP_PROJECT": "fmi-iot-prd",
+        "VERSION": "abc1234",
+        "SITE_BROKER_DNS_NAME": "mqtt.prd.example.com.",
+        "SITE_BROKER_DNS_ZONE": "fmi-sites",
+        "SITE_BROKER_DNS_WAIT_SECONDS": "0",
+        **env,
+    }
+    result = subprocess.run(
+        ["sh", str(ROOT / "deploy" / "site_dns.sh")],
+        env={
+            "PATH": f"{bin_dir}:/usr/bin:/bin",
+            "GCLOUD_LOG": str(log),
+            "RECORD_MISSING": "1" if record_missing else "0",
+            **{k: v for k, v in variables.items() if v},
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return result, log.read_text().splitlines() if log.exists() else []
+
+
+def test_the_dns_step_points_the_sites_name_at_the_new_instance_then_stops_the_old_version(tmp_path: Path) -> None:
+    result, calls = run_dns_step(tmp_path, record_missing=True)
+    assert result.returncode == 0, result.stderr
+    assert [call.split(" --")[0] for call in calls] == [
+        "app instances list",
+        "dns record-sets describe mqtt.prd.example.com.",
+        "dns record-sets create mqtt.prd.example.com.",
+        "app versions list",
+        "app versions stop v-old",
+    ]
+    assert "--version=abc1234" in calls[0] and "--rrdatas=203.0.113.7" in calls[2] and "--ttl=60" in calls[2]
+    assert "version.id!=abc1234" in calls[3]
+
+    result, calls = run_dns_step(tmp_path, record_missing=False)  # the next deploy: the record exists
+    assert result.returncode == 0 and calls[2].startswith("dns record-sets update mqtt.prd.example.com.")
+
+
+def test_the_dns_step_names_a_missing_variable_and_changes_nothing(tmp_path: Path) -> None:
+    result, calls = run_dns_step(tmp_path, record_missing=False, SITE_BROKER_DNS_ZONE="")
+    assert result.returncode != 0 and "SITE_BROKER_DNS_ZONE" in result.stderr and calls == []
+
+
 def test_dockerfile_is_lint_clean_and_runs_as_non_root() -> None:
     result = subprocess.run(
         [venv_tool("hadolint"), str(ROOT / "Dockerfile")],
