@@ -5,6 +5,11 @@
     python mqtt_subscriber.py provision       create the Pub/Sub topic, dataset and tables; safe to repeat
     python mqtt_subscriber.py status          what the spool holds per sink, and files moved aside; read only
     python mqtt_subscriber.py spool-import F  take the pending records of spool file F (bridge stopped); safe to repeat
+    python mqtt_subscriber.py replay --reason R [--since T] [--until T] [--dry-run]
+                                              rejects of reason R validated again, the valid ones spooled as
+                                              readings (bridge stopped); a second run skips what was replayed
+    python mqtt_subscriber.py check-config --offline       validate only, reach no endpoint
+    python mqtt_subscriber.py provision --subscription N   also an ordered subscription N for a consumer
 
 The flow, top to bottom: configuration → spool → MQTT link → senders (one per lane) → intake → loops and health
 → wait for SIGTERM → stop in order within one deadline, keep the rest spooled.
@@ -12,6 +17,7 @@ The flow, top to bottom: configuration → spool → MQTT link → senders (one 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import signal
@@ -19,13 +25,14 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from google.api_core.exceptions import GoogleAPIError
 from google.auth.exceptions import DefaultCredentialsError
 
-from fmi_bridge import cloud, spool_admin
+from fmi_bridge import cloud, reach, spool_admin
 from fmi_bridge.config import SETTINGS, Config, ConfigError
 from fmi_bridge.health import HealthServer
 from fmi_bridge.inbox import Inbox
@@ -34,7 +41,8 @@ from fmi_bridge.logs import setup_logging
 from fmi_bridge.loops import Loops
 from fmi_bridge.metrics import Metrics
 from fmi_bridge.mqtt_link import MqttLink
-from fmi_bridge.provision import SCHEMAS, ProvisionError, provision
+from fmi_bridge.provision import SCHEMAS, SUBSCRIPTION_NAME, ProvisionError, provision
+from fmi_bridge.replay import replay
 from fmi_bridge.senders import Sender
 from fmi_bridge.shutdown import stop_in_order
 from fmi_bridge.sink_bigquery import BigQuerySink, destinations
@@ -55,31 +63,67 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] in (["--help"], ["-h"], ["help"]):
         print(usage())
         return 0
-    command, operands = (args[0], args[1:]) if args else ("run", [])
-    commands: dict[str, Callable[..., int]] = {
-        "run": run,
-        "check-config": check_config,
-        "provision": provision_resources,
-        "status": spool_status,
-        "spool-import": spool_import,
-    }
-    if command not in commands or len(operands) != (command == "spool-import"):
-        print(f"usage: mqtt_subscriber.py [{' | '.join(commands)}]  (spool-import takes a FILE)", file=sys.stderr)
-        return EXIT_CONFIG
     try:
-        config = load_config(needs_cloud=command in ("run", "check-config", "provision"))
+        options = command_line().parse_args(args or ["run"])
+    except SystemExit as exc:  # argparse has printed the usage line and the problem on stderr
+        return EXIT_CONFIG if exc.code else 0
+    command: Callable[..., int] = options.handler
+    try:
+        config = load_config(needs_cloud=options.command in NEEDS_CLOUD and not getattr(options, "offline", False))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.log_level)
     try:
-        return commands[command](config, *operands)
+        return command(config, options)
     except DefaultCredentialsError as exc:  # found at start, then gone (a key file removed meanwhile)
         print(f"configuration error: no Google credentials: {cloud.HOW_TO_SUPPLY_CREDENTIALS} ({exc})", file=sys.stderr)
         return EXIT_CONFIG
     except GoogleAPIError as exc:  # e.g. provision against an unreachable or refusing API
-        print(f"{command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{options.command} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAULT
+
+
+NEEDS_CLOUD = ("run", "check-config", "provision", "replay")
+
+
+def command_line() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mqtt_subscriber.py", add_help=False)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run").set_defaults(handler=run)
+    check = commands.add_parser("check-config")
+    check.add_argument("--offline", action="store_true", help="validate only; reach no endpoint")
+    check.set_defaults(handler=check_config)
+    provisioning = commands.add_parser("provision")
+    provisioning.add_argument("--subscription", metavar="NAME", type=_subscription_name)
+    provisioning.set_defaults(handler=provision_resources)
+    commands.add_parser("status").set_defaults(handler=spool_status)
+    importing = commands.add_parser("spool-import")
+    importing.add_argument("file", metavar="FILE")
+    importing.set_defaults(handler=spool_import)
+    replaying = commands.add_parser("replay")
+    replaying.add_argument("--reason", required=True, help="the rejects' reason, e.g. pubsub_rejected")
+    replaying.add_argument("--since", type=_moment, help="received at or after (ISO 8601)")
+    replaying.add_argument("--until", type=_moment, help="received before (ISO 8601)")
+    replaying.add_argument("--dry-run", action="store_true", help="count only; spool and mark nothing")
+    replaying.set_defaults(handler=replay_rejects)
+    return parser
+
+
+def _subscription_name(text: str) -> str:
+    if not SUBSCRIPTION_NAME.fullmatch(text) or text.lower().startswith("goog"):
+        raise argparse.ArgumentTypeError(
+            "a subscription name is 3 to 255 letters, digits and -_.~+%, starts with a letter, not with goog"
+        )
+    return text
+
+
+def _moment(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time, e.g. 2026-11-20T08:00:00Z") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def load_config(needs_cloud: bool) -> Config:
@@ -102,14 +146,22 @@ def usage() -> str:
     return f"{commands}\n\nConfiguration, from the environment (README.md explains each):\n{variables}"
 
 
-def check_config(config: Config) -> int:
-    print(json.dumps(config.describe(), indent=2))
+def check_config(config: Config, options: argparse.Namespace) -> int:
+    described = config.describe()
+    if options.offline:
+        print(json.dumps(described, indent=2))
+        return 0
+    answered, failed = reach.check(config, config.setup_timeout_seconds)
+    print(json.dumps({**described, "endpoints": answered}, indent=2))
+    if failed:
+        print(f"check-config: not answering: {'; '.join(failed)}", file=sys.stderr)
+        return EXIT_FAULT
     return 0
 
 
-def provision_resources(config: Config) -> int:
+def provision_resources(config: Config, options: argparse.Namespace) -> int:
     try:
-        for line in provision(config):
+        for line in provision(config, subscription=options.subscription):
             print(line)
     except ProvisionError as exc:
         print(f"provision failed: {exc}", file=sys.stderr)
@@ -117,15 +169,32 @@ def provision_resources(config: Config) -> int:
     return 0
 
 
-def spool_status(config: Config) -> int:
+def replay_rejects(config: Config, options: argparse.Namespace) -> int:
+    """Rejects of one reason, validated again; the valid ones spooled as readings (the bridge must be stopped,
+    since one process owns the spool)."""
+    if not config.bigquery_enabled:
+        print(f"replay reads the rejects table, and BigQuery is off for APP_ENV={config.app_env}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        spool = None if options.dry_run else open_spool(config)
+        client = cloud.bigquery_client(config)
+        result = replay(config, client, spool, options.reason, since=options.since, until=options.until)
+    except (SpoolError, RuntimeError) as exc:
+        print(f"replay failed: {exc}", file=sys.stderr)
+        return EXIT_FAULT
+    print(json.dumps(asdict(result)))
+    return 0
+
+
+def spool_status(config: Config, options: argparse.Namespace) -> int:
     print(json.dumps(spool_admin.status(config.spool_dir), indent=2))
     return 0
 
 
-def spool_import(config: Config, source: str) -> int:
+def spool_import(config: Config, options: argparse.Namespace) -> int:
     try:
         spool = open_spool(config)
-        result = spool_admin.import_spool(spool, Path(source))
+        result = spool_admin.import_spool(spool, Path(options.file))
     except SpoolError as exc:
         print(f"spool-import failed: {exc}", file=sys.stderr)
         return EXIT_FAULT
@@ -201,7 +270,7 @@ def open_spool(config: Config) -> Spool:
     return spool
 
 
-def run(config: Config) -> int:
+def run(config: Config, options: argparse.Namespace | None = None) -> int:
     log.info("starting", extra={"config": config.describe()})
     metrics = Metrics()
     sinks = build_sinks(config)

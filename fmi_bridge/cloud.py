@@ -13,6 +13,7 @@ from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import bigquery, bigquery_storage_v1
 from google.cloud.bigquery_storage_v1.services.big_query_write.transports import BigQueryWriteGrpcTransport
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
+from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
 from fmi_bridge.config import Config
 
@@ -20,10 +21,17 @@ from fmi_bridge.config import Config
 def publisher_client(config: Config) -> Any:
     """The generated Publisher client: Publish RPCs as the senders batch them, no client-side batching,
     sequencing or futures (the spool already orders and batches)."""
+    return _pubsub_client(config, pubsub_gapic.PublisherClient, PublisherGrpcTransport)
+
+
+def subscriber_client(config: Config) -> Any:
+    """For provision --subscription: the same endpoint (or emulator) as the publisher."""
+    return _pubsub_client(config, pubsub_gapic.SubscriberClient, SubscriberGrpcTransport)
+
+
+def _pubsub_client(config: Config, client: Any, transport: Any) -> Any:
     options = {"client_options": {"api_endpoint": config.pubsub_endpoint}} if config.pubsub_endpoint else {}
-    return pubsub_gapic.PublisherClient(
-        **(emulator_transport(config.pubsub_emulator_host, PublisherGrpcTransport) or options)
-    )
+    return client(**(emulator_transport(config.pubsub_emulator_host, transport) or options))
 
 
 def emulator_transport(host: str | None, transport: Any) -> dict[str, Any]:

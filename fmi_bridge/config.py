@@ -291,6 +291,12 @@ SETTINGS: tuple[Setting, ...] = (
         _between(_int, 1, 10000),
     ),
     Setting(
+        "SETUP_TIMEOUT_SECONDS",
+        "How long check-config and provision wait for each endpoint before naming it as not answering.",
+        "5",
+        _between(_positive_float, 0.1, 120),
+    ),
+    Setting(
         "SINK_TIMEOUT_SECONDS",
         "How long one send to Pub/Sub or BigQuery may take before it is retried later.",
         "30",
@@ -355,6 +361,7 @@ class Config:
     bigquery_storage_emulator_host: str | None
     bigquery_batch_size: int
     bigquery_append_rows: int
+    setup_timeout_seconds: float
     sink_timeout_seconds: float
     shutdown_flush_seconds: float
     sink_lag_warn_seconds: float

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,21 +42,26 @@ def latest_view(config: Config) -> Table:
     return view
 
 
-SETUP_TIMEOUT_SECONDS = 10.0  # an endpoint that does not answer in this long is reported, not waited for
-
-
 class ProvisionError(Exception):
     """A service did not answer or refused; the message names the endpoint and the variable that sets it."""
 
 
-def provision(config: Config, publisher: Any = None, bigquery: Any = None) -> list[str]:
-    """Return what was created or found, one line each."""
+SUBSCRIPTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}")
+
+
+def provision(
+    config: Config, publisher: Any = None, bigquery: Any = None, subscription: str | None = None
+) -> list[str]:
+    """Return what was created or found, one line each. `subscription`: also an ordered subscription of that
+    name on the topic, for a downstream consumer."""
     done: list[str] = []
     if not (config.pubsub_enabled or config.bigquery_enabled):
         done.append(f"nothing to provision: APP_ENV={config.app_env} with no emulator host writes to the log only")
     if config.pubsub_enabled:
         with _answering("Pub/Sub", config.pubsub_emulator_host, "PUBSUB_EMULATOR_HOST"):
             done += _provision_pubsub(config, publisher or cloud.publisher_client(config))
+            if subscription:
+                done += _provision_subscription(config, cloud.subscriber_client(config), subscription)
     if config.bigquery_enabled:
         with _answering("BigQuery", config.bigquery_emulator_host, "BIGQUERY_EMULATOR_HOST"):
             done += _provision_bigquery(config, bigquery or cloud.bigquery_client(config))
@@ -76,20 +82,44 @@ def _answering(service: str, emulator: str | None, variable: str) -> Iterator[No
 def _provision_pubsub(config: Config, publisher: Any) -> list[str]:
     path = cloud.topic_path(config)
     try:
-        publisher.create_topic(name=path, retry=None, timeout=SETUP_TIMEOUT_SECONDS)
+        publisher.create_topic(name=path, retry=None, timeout=config.setup_timeout_seconds)
     except api_exceptions.AlreadyExists:
         return [f"topic {path} exists"]
     return [f"created topic {path}"]
 
 
+def _provision_subscription(config: Config, subscriber: Any, name: str) -> list[str]:
+    """Ordered by site_code like the publishes; an existing one is checked, since neither its topic nor its
+    ordering can be changed afterwards."""
+    path = f"projects/{config.gcp_project_id}/subscriptions/{name}"
+    topic = cloud.topic_path(config)
+    limits = {"retry": None, "timeout": config.setup_timeout_seconds}
+    try:
+        subscriber.create_subscription(
+            request={"name": path, "topic": topic, "enable_message_ordering": True, "ack_deadline_seconds": 60},
+            **limits,
+        )
+    except api_exceptions.AlreadyExists:
+        existing = subscriber.get_subscription(subscription=path, **limits)
+        if existing.topic != topic or not existing.enable_message_ordering:
+            raise ProvisionError(
+                f"subscription {path} exists on {existing.topic} with message ordering "
+                f"{'on' if existing.enable_message_ordering else 'off'}; neither can be changed: choose another name"
+            ) from None
+        return [f"subscription {path} exists (ordered, on {topic})"]
+    return [f"created subscription {path} (ordered by site_code, on {topic})"]
+
+
 def _provision_bigquery(config: Config, bigquery: Any) -> list[str]:
-    limits = {"retry": DEFAULT_RETRY.with_deadline(SETUP_TIMEOUT_SECONDS), "timeout": SETUP_TIMEOUT_SECONDS}
+    wait = config.setup_timeout_seconds  # an endpoint that does not answer in this long is reported, not waited for
+    limits = {"retry": DEFAULT_RETRY.with_deadline(wait), "timeout": wait}
     dataset = Dataset(f"{config.gcp_project_id}.{config.bigquery_dataset}")
     bigquery.create_dataset(dataset, exists_ok=True, **limits)
     done = [f"dataset {config.bigquery_dataset} ready"]
     for table, schema_file in (
         (config.bigquery_table, "bigquery_readings.json"),
         (config.bigquery_rejects_table, "bigquery_rejects.json"),
+        (f"{config.bigquery_rejects_table}_replayed", "bigquery_replayed.json"),  # what `replay` re-drove
     ):
         assert table is not None  # Config requires it wherever BigQuery is on
         resource = Table.from_api_repr(table_resource(config, table, schema_file))

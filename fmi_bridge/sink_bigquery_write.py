@@ -30,13 +30,12 @@ from google.cloud.bigquery_storage_v1 import types
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from fmi_bridge.events import dead_letter_row
-from fmi_bridge.sink_bigquery import REQUEST_BYTES, Destination
+from fmi_bridge.sink_bigquery import DEAD_LETTER_REASON, REQUEST_BYTES, Destination
 from fmi_bridge.sinks import BIGQUERY, WriteResult, missing
 from fmi_bridge.spool import READING, Record, Spool
 
 log = logging.getLogger(__name__)
 
-DEAD_LETTER_REASON = "bigquery_rejected"
 OK, NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, OUT_OF_RANGE = 0, 5, 6, 9, 11
 STREAM_LOST = (NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE)
 _STREAM_LOST_ERRORS = (api_exceptions.NotFound, api_exceptions.FailedPrecondition, api_exceptions.OutOfRange)

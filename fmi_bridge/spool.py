@@ -88,12 +88,13 @@ class Entry:
     site_code: str | None
     body: str
     size: int
+    only_sinks: int | None = None  # sink bits, when not every sink of its kind owes it (a replay to one sink)
 
 
-def entry(kind: str, site_code: str | None, row: dict[str, Any]) -> Entry:
+def entry(kind: str, site_code: str | None, row: dict[str, Any], only_sinks: int | None = None) -> Entry:
     """Raises UnicodeEncodeError (a ValueError) when a string of the row is not valid Unicode."""
     body = json.dumps(row, separators=(",", ":"), ensure_ascii=False)
-    return Entry(kind, site_code, body, len(body.encode("utf-8")))
+    return Entry(kind, site_code, body, len(body.encode("utf-8")), only_sinks)
 
 
 @dataclass(frozen=True)
@@ -321,10 +322,11 @@ class Spool:
 
     def _rows(self, entries: Iterable[Entry]) -> list[tuple[str, str | None, str, int, int, float]]:
         now = time.time()
-        return [
-            (e.kind, e.site_code, e.body, e.size, self.reading_bits if e.kind == READING else self.reject_bits, now)
-            for e in entries
-        ]
+        return [(e.kind, e.site_code, e.body, e.size, self._bits_for(e), now) for e in entries]
+
+    def _bits_for(self, e: Entry) -> int:
+        bits = self.reading_bits if e.kind == READING else self.reject_bits
+        return bits if e.only_sinks is None else bits & e.only_sinks
 
     def _insert(self, conn: sqlite3.Connection, rows: list[tuple[str, str | None, str, int, int, float]]) -> None:
         conn.executemany(

@@ -1,0 +1,129 @@
+"""Re-drive rejects once their cause is fixed: rows of one reason are read back from the rejects table, each raw
+payload is validated again with today's rules, and the valid ones go into the spool as readings, with the
+event_id they had (topic and payload unchanged), so downstream deduplication still holds. What was replayed is
+marked in `<rejects table>_replayed`, and a second run skips it.
+
+Marks are written after the spool has the readings: a crash between the two replays those rows again on the
+next run (the same event_ids; at least once, as everywhere else), never loses them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from google.cloud import bigquery
+
+from fmi_bridge import cloud, sink_bigquery, sink_pubsub
+from fmi_bridge.config import Config
+from fmi_bridge.events import reading_row, rfc3339
+from fmi_bridge.readings import Inbound, Reading, validate
+from fmi_bridge.sinks import BIGQUERY, PUBSUB
+from fmi_bridge.spool import READING, Spool, SpoolFullError, entry
+
+REPLAYED_SCHEMA = "bigquery_replayed.json"
+MARKS_PER_REQUEST = 500
+DEAD_LETTERS_OF = {sink_pubsub.DEAD_LETTER_REASON: PUBSUB, sink_bigquery.DEAD_LETTER_REASON: BIGQUERY}
+ORIGINAL_CHANGED = "payload_not_original"  # the stored text no longer gives the original bytes (e.g. truncated)
+
+
+@dataclass
+class ReplayResult:
+    reason: str
+    matched: int = 0  # rows of that reason in the time window
+    skipped: int = 0  # replayed by an earlier run
+    replayed: int = 0  # valid now, in the spool
+    still_rejected: dict[str, int] = field(default_factory=dict)  # by today's reason
+    dry_run: bool = False
+
+
+def replayed_table(config: Config) -> str:
+    return cloud.table_id(config, f"{config.bigquery_rejects_table}_replayed")
+
+
+def replay(
+    config: Config,
+    client: Any,
+    spool: Spool | None,
+    reason: str,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> ReplayResult:
+    """Spool is None for a dry run: count what would happen, write nothing."""
+    result = ReplayResult(reason, dry_run=spool is None)
+    rows = _matching_rows(config, client, reason, since, until)
+    result.matched = len(rows)
+    waiting = [row for row in rows if not row["replayed"]]
+    result.skipped = len(rows) - len(waiting)
+    valid: list[tuple[dict[str, Any], Reading]] = []
+    still: Counter[str] = Counter()
+    for row in waiting:
+        received_at = row["received_at"].astimezone(UTC)
+        outcome = validate(Inbound(row["mqtt_topic"], row["payload"].encode("utf-8", "surrogatepass"), received_at))
+        if not isinstance(outcome, Reading):
+            still[outcome.reason] += 1
+        elif row["event_id"] and outcome.event_id != row["event_id"]:
+            still[ORIGINAL_CHANGED] += 1
+        else:
+            valid.append((row, outcome))
+    result.still_rejected = dict(still)
+    if spool is None:
+        result.replayed = len(valid)
+        return result
+    # A sink's dead letter is owed to that sink alone: the other one took the reading already.
+    spooled = _spool_readings(spool, [reading for _, reading in valid], DEAD_LETTERS_OF.get(reason))
+    _mark(config, client, [row for row, _ in valid[:spooled]])
+    result.replayed = spooled
+    if spooled < len(valid):
+        raise SpoolFullError(f"the spool took {spooled} of {len(valid)} readings; run replay again once it drains")
+    return result
+
+
+def _matching_rows(
+    config: Config, client: Any, reason: str, since: datetime | None, until: datetime | None
+) -> list[dict[str, Any]]:
+    rejects = cloud.table_id(config, config.bigquery_rejects_table)
+    where = ["r.reason = @reason"]
+    params = [bigquery.ScalarQueryParameter("reason", "STRING", reason)]
+    for name, moment, test in (("since", since, ">="), ("until", until, "<")):
+        if moment is not None:
+            where.append(f"r.received_at {test} @{name}")
+            params.append(bigquery.ScalarQueryParameter(name, "TIMESTAMP", moment))
+    sql = (
+        f"SELECT r.reject_id, r.received_at, r.mqtt_topic, r.payload, r.event_id, "
+        f"r.reject_id IN (SELECT reject_id FROM `{replayed_table(config)}`) AS replayed "
+        f"FROM `{rejects}` AS r WHERE {' AND '.join(where)} ORDER BY r.received_at"
+    )
+    job = client.query(sql, job_config=bigquery.QueryJobConfig(query_parameters=params))
+    unique: dict[str, dict[str, Any]] = {}
+    for row in job.result(timeout=config.setup_timeout_seconds * 12):
+        unique.setdefault(row["reject_id"], dict(row.items()))  # insert_all may have written a row twice
+    return list(unique.values())
+
+
+def _spool_readings(spool: Spool, readings: list[Reading], only_sinks: int | None) -> int:
+    """How many went in, in order; stops at a full spool."""
+    entries = [entry(READING, reading.site_code, reading_row(reading), only_sinks) for reading in readings]
+    done = 0
+    while done < len(entries):
+        try:
+            done += spool.append(entries[done:])
+        except SpoolFullError:
+            break
+    return done
+
+
+def _mark(config: Config, client: Any, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    now = rfc3339(datetime.now(UTC))
+    marks = [{"reject_id": row["reject_id"], "replayed_at": now, "event_id": row["event_id"]} for row in rows]
+    for start in range(0, len(marks), MARKS_PER_REQUEST):
+        chunk = marks[start : start + MARKS_PER_REQUEST]
+        errors = client.insert_rows_json(replayed_table(config), chunk, row_ids=[mark["reject_id"] for mark in chunk])
+        if errors:
+            raise RuntimeError(f"readings spooled, but marking them as replayed failed: {json.dumps(errors)[:300]}")

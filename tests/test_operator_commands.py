@@ -1,0 +1,179 @@
+"""The operator's commands against real parts: check-config reaching every endpoint, provision --subscription on
+Google's emulator, and replay re-driving dead letters from the rejects table in bqemulator."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from google.cloud import pubsub_v1
+from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
+
+from fmi_bridge.cloud import emulator_transport
+from tests.conftest import PROJECT, Cloud, PubSubEndpoint, start_bridge
+from tests.pubsub_server import Faults
+from tests.support import (
+    BigQueryEmulator,
+    Bridge,
+    Broker,
+    Published,
+    bq_query,
+    expected_ids,
+    free_port,
+    publish,
+    readings,
+    wait_until,
+)
+from tests.test_config import run
+
+_names = itertools.count(1)
+
+
+def cloud_env(pubsub: PubSubEndpoint, bigquery: BigQueryEmulator, broker_port: int) -> dict[str, str]:
+    n = next(_names)
+    return {
+        "APP_ENV": "DEV",
+        "GCP_PROJECT_ID": PROJECT,
+        "PUBSUB_TOPIC": f"ops-{n}-{time.monotonic_ns()}",
+        "BIGQUERY_DATASET": f"ops_{n}_{time.monotonic_ns()}",
+        "BIGQUERY_TABLE": "readings",
+        "PUBSUB_EMULATOR_HOST": pubsub.host,
+        "BIGQUERY_EMULATOR_HOST": bigquery.url,
+        "MQTT_BROKER": "127.0.0.1",
+        "MQTT_PORT": str(broker_port),
+    }
+
+
+def test_check_config_reaches_every_configured_endpoint(
+    broker: Broker, pubsub_endpoint: PubSubEndpoint, bigquery: BigQueryEmulator
+) -> None:
+    env = {**cloud_env(pubsub_endpoint, bigquery, broker.port), "BIGQUERY_STORAGE_EMULATOR_HOST": bigquery.grpc_host}
+    result = run(env, "check-config")
+    assert result.returncode == 0, result.stderr
+    answered = json.loads(result.stdout)["endpoints"]
+    assert sorted(name.split(" at ")[0] for name in answered) == [
+        "BigQuery",
+        "Pub/Sub",
+        "the BigQuery Storage Write API",
+        "the MQTT broker",
+    ]
+    assert all(outcome.startswith("answered in") for outcome in answered.values())
+
+
+def test_check_config_names_each_endpoint_that_does_not_answer_and_its_variable(
+    pubsub_endpoint: PubSubEndpoint, bigquery: BigQueryEmulator
+) -> None:
+    dead_broker, dead_pubsub = free_port(), free_port()
+    env = {
+        **cloud_env(pubsub_endpoint, bigquery, dead_broker),
+        "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{dead_pubsub}",
+        "SETUP_TIMEOUT_SECONDS": "2",
+    }
+    started = time.monotonic()
+    result = run(env, "check-config")
+    assert time.monotonic() - started < 15
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert f"the MQTT broker at 127.0.0.1:{dead_broker} (MQTT_BROKER, MQTT_PORT)" in line
+    assert f"Pub/Sub at 127.0.0.1:{dead_pubsub} (PUBSUB_EMULATOR_HOST)" in line
+    assert "BigQuery" not in line  # it answered
+    assert run(env, "check-config", "--offline").returncode == 0  # validation alone reaches nothing
+
+
+def test_provision_makes_an_ordered_subscription_that_a_consumer_pulls_readings_from(
+    broker: Broker,
+    pubsub_endpoint: PubSubEndpoint,
+    bigquery: BigQueryEmulator,
+    bridges: Callable[..., Bridge],
+) -> None:
+    env = cloud_env(pubsub_endpoint, bigquery, broker.port)
+    name = f"consumer-{next(_names)}"
+    first = run(env, "provision", "--subscription", name)
+    assert first.returncode == 0, first.stderr
+    assert f"created subscription projects/{PROJECT}/subscriptions/{name} (ordered" in first.stdout
+    again = run(env, "provision", "--subscription", name)
+    assert again.returncode == 0 and f"subscription projects/{PROJECT}/subscriptions/{name} exists" in again.stdout
+
+    bad = run(env, "provision", "--subscription", "9-starts-with-a-digit")
+    assert bad.returncode == 2 and "subscription name" in bad.stderr
+
+    subscriber = pubsub_v1.SubscriberClient(**emulator_transport(pubsub_endpoint.host, SubscriberGrpcTransport))
+    plain = f"plain-{next(_names)}"
+    topic = f"projects/{PROJECT}/topics/{env['PUBSUB_TOPIC']}"
+    subscriber.create_subscription(request={"name": f"projects/{PROJECT}/subscriptions/{plain}", "topic": topic})
+    clash = run(env, "provision", "--subscription", plain)
+    assert clash.returncode == 1 and "message ordering off" in clash.stderr and plain in clash.stderr
+
+    bridges({**env}).start().wait_ready()
+    messages = readings(["S1", "S2"], 5)
+    publish(broker.port, messages)
+    pulled: list[Any] = []
+
+    def pull() -> bool:
+        path = f"projects/{PROJECT}/subscriptions/{name}"
+        response = subscriber.pull(request={"subscription": path, "max_messages": 100}, timeout=10)
+        if response.received_messages:
+            ack_ids = [m.ack_id for m in response.received_messages]
+            subscriber.acknowledge(request={"subscription": path, "ack_ids": ack_ids})
+        pulled.extend(m.message for m in response.received_messages)
+        return len(pulled) >= len(messages)
+
+    wait_until(pull, 30, "the readings through the provisioned subscription")
+    assert {m.attributes["event_id"] for m in pulled} == expected_ids(messages)
+    for site in ("S1", "S2"):
+        values = [json.loads(m.data)["value"] for m in pulled if m.ordering_key == site]
+        assert values == sorted(values) and len(values) == 5
+    subscriber.close()
+
+
+def test_replay_re_drives_dead_letters_once_their_cause_is_fixed(
+    broker: Broker, cloud: Cloud, faults: Faults, bridges: Callable[..., Bridge]
+) -> None:
+    faults.reject = lambda message: message.ordering_key == "S2"  # Pub/Sub refuses site S2 for good
+    bridge = start_bridge(bridges, cloud, broker, PUBSUB_DEADLETTER_ATTEMPTS="1")
+    good, refused = readings(["S1"], 5), readings(["S2"], 4)
+    junk = [Published("FCTS/FAE/S1/SolvExtract/T", b"not json")]
+    publish(broker.port, good + refused + junk)
+
+    def reasons() -> list[str]:
+        return sorted(row["reason"] for row in bq_query(cloud.bq, f"SELECT reason FROM `{cloud.rejects_table}`"))
+
+    wait_until(lambda: reasons() == ["bad_json"] + ["pubsub_rejected"] * 4, 60, "the dead letters")
+    wait_until(lambda: bridge.metric("fmi_bridge_spool_records") == 0, 30, "an empty spool")
+    assert bridge.terminate() == 0
+    faults.reject = None  # the cause is fixed
+    env = {**bridge.env}
+
+    def replay(*args: str) -> dict[str, Any]:
+        result = run(env, "replay", *args)
+        assert result.returncode == 0, result.stderr
+        return dict(json.loads(result.stdout))
+
+    dry = replay("--reason", "pubsub_rejected", "--dry-run")
+    assert (dry["matched"], dry["replayed"], dry["skipped"], dry["dry_run"]) == (4, 4, 0, True)
+    done = replay("--reason", "pubsub_rejected")
+    assert (done["matched"], done["replayed"], done["skipped"], done["still_rejected"]) == (4, 4, 0, {})
+    again = replay("--reason", "pubsub_rejected")
+    assert (again["replayed"], again["skipped"]) == (0, 4)
+    still = replay("--reason", "bad_json")
+    assert (still["replayed"], still["still_rejected"]) == (0, {"bad_json": 1})
+    assert replay("--reason", "pubsub_rejected", "--since", "2999-01-01T00:00:00Z")["matched"] == 0
+
+    bridge.start()
+    bridge.wait_ready()
+    assert cloud.reader.wait_for(len(good + refused), 60) == expected_ids(good + refused)  # same event_ids
+    wait_until(lambda: bridge.metric("fmi_bridge_spool_records") == 0, 30, "the replayed readings sent")
+    # Owed to Pub/Sub alone: BigQuery had them already and holds each once.
+    rows = bq_query(cloud.bq, f"SELECT event_id FROM `{cloud.readings_table}`")
+    assert sorted(row["event_id"] for row in rows) == sorted(expected_ids(good + refused))
+
+
+def test_replay_refuses_while_a_bridge_owns_the_spool(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]
+) -> None:
+    bridge = start_bridge(bridges, cloud, broker)
+    result = run(bridge.env, "replay", "--reason", "pubsub_rejected")
+    assert result.returncode == 1 and "in use by another process" in result.stderr
