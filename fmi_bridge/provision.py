@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,8 +14,6 @@ from google.cloud.bigquery import DEFAULT_RETRY, Dataset, Table
 
 from fmi_bridge import cloud
 from fmi_bridge.config import Config
-
-log = logging.getLogger(__name__)
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 
@@ -65,8 +62,6 @@ def provision(
     if config.bigquery_enabled:
         with _answering("BigQuery", config.bigquery_emulator_host, "BIGQUERY_EMULATOR_HOST"):
             done += _provision_bigquery(config, bigquery or cloud.bigquery_client(config))
-    for line in done:
-        log.info(line)
     return done
 
 
