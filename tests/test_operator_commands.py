@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +19,7 @@ from fmi_bridge.cloud import emulator_transport
 from tests.conftest import PROJECT, Cloud, PubSubEndpoint, start_bridge
 from tests.pubsub_server import Faults
 from tests.support import (
+    ROOT,
     BigQueryEmulator,
     Bridge,
     Broker,
@@ -107,26 +111,36 @@ def test_provision_makes_an_ordered_subscription_that_a_consumer_pulls_readings_
     clash = run(env, "provision", "--subscription", plain)
     assert clash.returncode == 1 and "message ordering off" in clash.stderr and plain in clash.stderr
 
-    bridges({**env}).start().wait_ready()
+    bridge = bridges({**env}).start()
+    bridge.wait_ready()
     messages = readings(["S1", "S2"], 5)
     publish(broker.port, messages)
-    pulled: list[Any] = []
+    wait_until(lambda: bridge.metric("fmi_bridge_sink_sent_total", 'sink="pubsub"') == len(messages), 30, "sent")
 
-    def pull() -> bool:
-        path = f"projects/{PROJECT}/subscriptions/{name}"
-        response = subscriber.pull(request={"subscription": path, "max_messages": 100}, timeout=10)
-        if response.received_messages:
-            ack_ids = [m.ack_id for m in response.received_messages]
-            subscriber.acknowledge(request={"subscription": path, "ack_ids": ack_ids})
-        pulled.extend(m.message for m in response.received_messages)
-        return len(pulled) >= len(messages)
-
-    wait_until(pull, 30, "the readings through the provisioned subscription")
-    assert {m.attributes["event_id"] for m in pulled} == expected_ids(messages)
+    # What the README's walkthrough runs to see the readings: tools/peek.py, pull and query.
+    pulled = [json.loads(line) for line in peek(env, "pubsub", name).stdout.splitlines()]
+    assert {m["attributes"]["event_id"] for m in pulled} == expected_ids(messages)
     for site in ("S1", "S2"):
-        values = [json.loads(m.data)["value"] for m in pulled if m.ordering_key == site]
+        values = [m["data"]["value"] for m in pulled if m["ordering_key"] == site]
         assert values == sorted(values) and len(values) == 5
+    wait_until(lambda: bridge.metric("fmi_bridge_sink_sent_total", 'sink="bigquery"') == len(messages), 30, "BigQuery")
+    sql = f"SELECT event_id, value FROM {env['BIGQUERY_DATASET']}.readings"
+    rows = [json.loads(line) for line in peek(env, "bigquery", sql).stdout.splitlines()]
+    assert {row["event_id"] for row in rows} == expected_ids(messages)
     subscriber.close()
+
+
+def peek(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "peek.py"), *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
 
 
 def test_replay_re_drives_dead_letters_once_their_cause_is_fixed(
