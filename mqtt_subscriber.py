@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from google.api_core.exceptions import GoogleAPIError
+from google.api_core.exceptions import GoogleAPIError, NotFound
 from google.auth.exceptions import DefaultCredentialsError
 
 from fmi_bridge import cloud, reach, spool_admin
@@ -181,6 +181,10 @@ def replay_rejects(config: Config, options: argparse.Namespace) -> int:
         result = replay(config, client, spool, options.reason, since=options.since, until=options.until)
     except (SpoolError, RuntimeError) as exc:
         print(f"replay failed: {exc}", file=sys.stderr)
+        return EXIT_FAULT
+    except NotFound as exc:  # e.g. a dataset provisioned before the replay marks table existed
+        missing = " ".join(str(exc.message).split())[:300]  # one line: a query job's message spans several
+        print(f"replay failed: {missing}; `provision` creates what is missing", file=sys.stderr)
         return EXIT_FAULT
     print(json.dumps(asdict(result)))
     return 0

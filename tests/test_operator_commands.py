@@ -191,3 +191,14 @@ def test_replay_refuses_while_a_bridge_owns_the_spool(
     bridge = start_bridge(bridges, cloud, broker)
     result = run(bridge.env, "replay", "--reason", "pubsub_rejected")
     assert result.returncode == 1 and "in use by another process" in result.stderr
+
+
+def test_replay_without_its_marks_table_says_to_run_provision(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]
+) -> None:
+    """A dataset provisioned by an earlier version has no replay marks table yet."""
+    cloud.bq.delete_table(f"{cloud.rejects_table}_replayed")
+    result = run({**cloud.env, "SPOOL_DIR": str(bridges({}).workdir / "spool")}, "replay", "--reason", "bad_json")
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert "readings_rejected_replayed" in line and "`provision` creates what is missing" in line
