@@ -3,6 +3,8 @@ with the shipped mosquitto.conf (paths pointed at a temporary folder)."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import signal
 import subprocess
@@ -10,11 +12,21 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, free_port, http_get, listening_on, mosquitto_pub, wait_until
+from tests.support import (
+    ROOT,
+    free_port,
+    http_get,
+    listening_on,
+    mosquitto_pub,
+    mqtt_client,
+    reading,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -158,3 +170,38 @@ def test_local_listens_on_loopback_only(container: Container) -> None:
     wait_until(container.ready, 60, "readiness")
     assert listening_on(container.mqtt_port) == {"127.0.0.1"}
     assert listening_on(container.http_port) == {"127.0.0.1"}
+
+
+def test_on_stop_sites_are_cut_off_before_the_bridge_stops_reading(container: Container) -> None:
+    """The broker stops first: every reading acknowledged to a site was acknowledged before the bridge began to
+    stop, so none waits in the broker's queue on a disk that a deploy or the weekly restart takes away."""
+    wait_until(container.ready, 60, "readiness")
+    acknowledged: list[float] = []
+    site = mqtt_client()
+    site.on_publish = lambda client, userdata, mid, reason, properties: acknowledged.append(time.time())
+    site.connect("127.0.0.1", container.mqtt_port)
+    site.loop_start()
+    stop = threading.Event()
+
+    def publish_until_stopped() -> None:
+        for seq in itertools.count():
+            if stop.is_set():
+                return
+            message = reading("MOR", seq)
+            site.publish(message.topic, message.payload, qos=1)
+            time.sleep(0.005)
+
+    publisher = threading.Thread(target=publish_until_stopped, daemon=True)
+    publisher.start()
+    wait_until(lambda: len(acknowledged) > 50, 20, "readings flowing")
+
+    container.process.terminate()
+    assert container.process.wait(40) == 0
+    stop.set()
+    publisher.join(5)
+    site.loop_stop()
+
+    entries = [json.loads(line) for line in container.output().splitlines() if line.startswith("{")]
+    (stopping,) = [e for e in entries if e.get("message", "").startswith("stopping")]
+    began_to_stop = datetime.fromisoformat(stopping["time"]).timestamp()
+    assert acknowledged and max(acknowledged) < began_to_stop
