@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +27,7 @@ from fmi_bridge.spool import READING, Spool, SpoolFullError, entry
 
 REPLAYED_SCHEMA = "bigquery_replayed.json"
 MARKS_PER_REQUEST = 500
+PAGE_ROWS = 5000  # rejects read, validated, spooled and marked at a time
 DEAD_LETTERS_OF = {sink_pubsub.DEAD_LETTER_REASON: PUBSUB, sink_bigquery.DEAD_LETTER_REASON: BIGQUERY}
 ORIGINAL_CHANGED = "payload_not_original"  # the stored text no longer gives the original bytes (e.g. truncated)
 
@@ -52,16 +54,40 @@ def replay(
     *,
     since: datetime | None = None,
     until: datetime | None = None,
+    page_rows: int = PAGE_ROWS,
 ) -> ReplayResult:
-    """Spool is None for a dry run: count what would happen, write nothing."""
+    """Spool is None for a dry run: count what would happen, write nothing. Rows are taken a page at a time, each
+    page spooled and marked before the next is read: memory stays bounded however many rows match."""
     result = ReplayResult(reason, dry_run=spool is None)
-    rows = _matching_rows(config, client, reason, since, until)
-    result.matched = len(rows)
-    waiting = [row for row in rows if not row["replayed"]]
-    result.skipped = len(rows) - len(waiting)
-    valid: list[tuple[dict[str, Any], Reading]] = []
     still: Counter[str] = Counter()
-    for row in waiting:
+    seen: set[str] = set()  # insert_all may have written a reject twice; ids only, not rows
+    for page in _matching_pages(config, client, reason, (since, until), page_rows):
+        rows = [row for row in page if row["reject_id"] not in seen]
+        seen.update(row["reject_id"] for row in rows)
+        result.matched += len(rows)
+        waiting = [row for row in rows if not row["replayed"]]
+        result.skipped += len(rows) - len(waiting)
+        valid = _valid_readings(waiting, still)
+        if spool is None:
+            result.replayed += len(valid)
+            continue
+        # A sink's dead letter is owed to that sink alone: the other one took the reading already.
+        spooled = _spool_readings(spool, [reading for _, reading in valid], DEAD_LETTERS_OF.get(reason))
+        _mark(config, client, [row for row, _ in valid[:spooled]])
+        result.replayed += spooled
+        if spooled < len(valid):
+            result.still_rejected = dict(still)
+            raise SpoolFullError(
+                f"the spool is full after {result.replayed} readings; run replay again once it has drained"
+            )
+    result.still_rejected = dict(still)
+    return result
+
+
+def _valid_readings(rows: list[dict[str, Any]], still: Counter[str]) -> list[tuple[dict[str, Any], Reading]]:
+    """Each row's raw payload validated again, as it arrived; what stays invalid is counted by its reason."""
+    valid = []
+    for row in rows:
         received_at = row["received_at"].astimezone(UTC)
         outcome = validate(Inbound(row["mqtt_topic"], row["payload"].encode("utf-8", "surrogatepass"), received_at))
         if not isinstance(outcome, Reading):
@@ -70,22 +96,13 @@ def replay(
             still[ORIGINAL_CHANGED] += 1
         else:
             valid.append((row, outcome))
-    result.still_rejected = dict(still)
-    if spool is None:
-        result.replayed = len(valid)
-        return result
-    # A sink's dead letter is owed to that sink alone: the other one took the reading already.
-    spooled = _spool_readings(spool, [reading for _, reading in valid], DEAD_LETTERS_OF.get(reason))
-    _mark(config, client, [row for row, _ in valid[:spooled]])
-    result.replayed = spooled
-    if spooled < len(valid):
-        raise SpoolFullError(f"the spool took {spooled} of {len(valid)} readings; run replay again once it drains")
-    return result
+    return valid
 
 
-def _matching_rows(
-    config: Config, client: Any, reason: str, since: datetime | None, until: datetime | None
-) -> list[dict[str, Any]]:
+def _matching_pages(
+    config: Config, client: Any, reason: str, window: tuple[datetime | None, datetime | None], page_rows: int
+) -> Iterator[list[dict[str, Any]]]:
+    since, until = window
     rejects = cloud.table_id(config, config.bigquery_rejects_table)
     where = ["r.reason = @reason"]
     params = [bigquery.ScalarQueryParameter("reason", "STRING", reason)]
@@ -99,10 +116,9 @@ def _matching_rows(
         f"FROM `{rejects}` AS r WHERE {' AND '.join(where)} ORDER BY r.received_at"
     )
     job = client.query(sql, job_config=bigquery.QueryJobConfig(query_parameters=params))
-    unique: dict[str, dict[str, Any]] = {}
-    for row in job.result(timeout=config.setup_timeout_seconds * 12):
-        unique.setdefault(row["reject_id"], dict(row.items()))  # insert_all may have written a row twice
-    return list(unique.values())
+    rows = job.result(timeout=config.setup_timeout_seconds * 12, page_size=page_rows)
+    for page in rows.pages:
+        yield [dict(row.items()) for row in page]
 
 
 def _spool_readings(spool: Spool, readings: list[Reading], only_sinks: int | None) -> int:

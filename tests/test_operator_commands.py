@@ -10,12 +10,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import pytest
 from google.cloud import pubsub_v1
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
 from fmi_bridge.cloud import emulator_transport
+from fmi_bridge.events import dead_letter_row, reading_row
+from fmi_bridge.readings import Inbound, Reading, validate
+from fmi_bridge.replay import replay
+from fmi_bridge.sinks import BIGQUERY, PUBSUB
+from fmi_bridge.spool import READING, Spool, SpoolFullError, entry
 from tests.conftest import PROJECT, Cloud, PubSubEndpoint, start_bridge
 from tests.pubsub_server import Faults
 from tests.support import (
@@ -202,3 +210,37 @@ def test_replay_without_its_marks_table_says_to_run_provision(
     assert result.returncode == 1, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "readings_rejected_replayed" in line and "`provision` creates what is missing" in line
+
+
+def test_replay_goes_a_page_at_a_time_and_a_full_spool_stops_it_with_what_it_took_marked(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    """Seven dead letters, pages of two, a spool with room for three: each run replays what fits, marks it and
+    stops with a clear error; once the spool has drained the next run skips what is marked and goes on."""
+    now = datetime.now(UTC)
+    messages = readings(["S1"], 7)
+    rows = []
+    for message in messages:
+        outcome = validate(Inbound(message.topic, message.payload, now))
+        assert isinstance(outcome, Reading)
+        rows.append(dead_letter_row(reading_row(outcome), "pubsub_rejected", "refused"))
+    assert cloud.bq.insert_rows_json(cloud.rejects_table, rows) == []
+    size = entry(READING, "S1", rows[0]).size
+    spool = Spool.open(tmp_path, max_bytes=size * 3 + size // 2, min_free_bytes=1, reading_bits=3, reject_bits=2)
+    sent: list[str] = []
+
+    def drain() -> None:  # what the bridge's Pub/Sub sender does
+        records = spool.pending(PUBSUB, 10)
+        sent.extend(record.row["event_id"] for record in records)
+        spool.settle(PUBSUB, [record.id for record in records])
+
+    for _ in range(2):
+        with pytest.raises(SpoolFullError, match="after 3 readings"):
+            replay(cloud.config, cloud.bq, spool, "pubsub_rejected", page_rows=2)
+        assert spool.count_pending(PUBSUB) == 3 and spool.count_pending(BIGQUERY) == 0  # owed to Pub/Sub alone
+        drain()
+    result = replay(cloud.config, cloud.bq, spool, "pubsub_rejected", page_rows=2)
+    assert (result.matched, result.skipped, result.replayed) == (7, 6, 1)
+    drain()
+    assert sorted(sent) == sorted(expected_ids(messages))  # each once
+    assert len(bq_query(cloud.bq, f"SELECT reject_id FROM `{cloud.rejects_table}_replayed`")) == 7
