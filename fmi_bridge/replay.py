@@ -25,7 +25,6 @@ from fmi_bridge.readings import Inbound, Reading, validate
 from fmi_bridge.sinks import BIGQUERY, PUBSUB
 from fmi_bridge.spool import READING, Spool, SpoolFullError, entry
 
-REPLAYED_SCHEMA = "bigquery_replayed.json"
 MARKS_PER_REQUEST = 500
 PAGE_ROWS = 5000  # rejects read, validated, spooled and marked at a time
 DEAD_LETTERS_OF = {sink_pubsub.DEAD_LETTER_REASON: PUBSUB, sink_bigquery.DEAD_LETTER_REASON: BIGQUERY}
@@ -60,10 +59,7 @@ def replay(
     page spooled and marked before the next is read: memory stays bounded however many rows match."""
     result = ReplayResult(reason, dry_run=spool is None)
     still: Counter[str] = Counter()
-    seen: set[str] = set()  # insert_all may have written a reject twice; ids only, not rows
-    for page in _matching_pages(config, client, reason, (since, until), page_rows):
-        rows = [row for row in page if row["reject_id"] not in seen]
-        seen.update(row["reject_id"] for row in rows)
+    for rows in _matching_pages(config, client, reason, (since, until), page_rows):
         result.matched += len(rows)
         waiting = [row for row in rows if not row["replayed"]]
         result.skipped += len(rows) - len(waiting)
@@ -113,7 +109,9 @@ def _matching_pages(
     sql = (
         f"SELECT r.reject_id, r.received_at, r.mqtt_topic, r.payload, r.event_id, "
         f"r.reject_id IN (SELECT reject_id FROM `{replayed_table(config)}`) AS replayed "
-        f"FROM `{rejects}` AS r WHERE {' AND '.join(where)} ORDER BY r.received_at"
+        f"FROM `{rejects}` AS r WHERE {' AND '.join(where)} "
+        # insert_all may have written a reject twice: one row per reject_id, chosen by the query, not in memory
+        f"QUALIFY ROW_NUMBER() OVER (PARTITION BY r.reject_id) = 1 ORDER BY r.received_at"
     )
     job = client.query(sql, job_config=bigquery.QueryJobConfig(query_parameters=params))
     rows = job.result(timeout=config.setup_timeout_seconds * 12, page_size=page_rows)
