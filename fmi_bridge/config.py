@@ -132,10 +132,16 @@ def _topic_filters(text: str) -> tuple[str, ...]:
     return tuple(_topic_filter(part) for part in filters)
 
 
-def _host_port(text: str) -> str:
+def split_host_port(text: str) -> tuple[str, int]:
+    """(host, port) of `host:port` (an IPv6 host in brackets); ValueError if it is not that."""
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError("must be host:port")
+    return host.strip("[]"), int(port)
+
+
+def _host_port(text: str) -> str:
+    split_host_port(text)
     return text
 
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from fmi_bridge.config import Config
+from fmi_bridge.config import Config, split_host_port
 
 GOOGLE = "Google's endpoint"
 
@@ -49,8 +49,7 @@ def endpoints(config: Config) -> list[Endpoint]:
 
 
 def _host_port(service: str, address: str, variable: str) -> Endpoint:
-    host, _, port = address.rpartition(":")
-    return Endpoint(service, host.strip("[]"), int(port), variable)
+    return Endpoint(service, *split_host_port(address), variable)
 
 
 def reach(endpoint: Endpoint, timeout: float) -> float:

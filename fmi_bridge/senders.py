@@ -117,8 +117,7 @@ class Sender:
         self.metrics.sent.labels(name).inc(len(result.done))
         self.metrics.dead_lettered.labels(name).inc(len(result.dead_letters))
         if result.retry:
-            self.metrics.failed.labels(name).inc()
-            self.metrics.lane_failed.labels(self.sink.lane).inc()
+            self._failed()
             self.metrics.retried.labels(name).inc(len(result.retry))
             self._warn(
                 "sink did not take every record; they stay in the spool and are sent again",

@@ -122,10 +122,10 @@ class Cloud:
     rejects_table: str
 
 
-def make_cloud(pubsub_endpoint: PubSubEndpoint, bigquery: BigQueryEmulator) -> Cloud:
-    """A fresh topic, subscription, dataset and tables, provisioned by the bridge's own code."""
+def cloud_env(pubsub_endpoint: PubSubEndpoint, bigquery: BigQueryEmulator) -> dict[str, str]:
+    """A DEV environment on the emulators with a topic and dataset of its own, not yet provisioned."""
     n = next(_names)
-    env = {
+    return {
         "APP_ENV": "DEV",
         "GCP_PROJECT_ID": PROJECT,
         "PUBSUB_TOPIC": f"kpi-{n}",
@@ -136,12 +136,17 @@ def make_cloud(pubsub_endpoint: PubSubEndpoint, bigquery: BigQueryEmulator) -> C
         # two threads), and the tests query while the bridge writes. test_exactly_once covers the Write API.
         "BIGQUERY_EMULATOR_HOST": bigquery.url,
     }
+
+
+def make_cloud(pubsub_endpoint: PubSubEndpoint, bigquery: BigQueryEmulator) -> Cloud:
+    """A fresh topic, subscription, dataset and tables, provisioned by the bridge's own code."""
+    env = cloud_env(pubsub_endpoint, bigquery)
     config = Config.from_env(env)
     provision(config)
-    reader = PubSubReader(pubsub_endpoint.host, PROJECT, env["PUBSUB_TOPIC"], f"test-sub-{n}")
-    return Cloud(
-        env, config, reader, bigquery.client(), f"{PROJECT}.ds_{n}.readings", f"{PROJECT}.ds_{n}.readings_rejected"
-    )
+    topic, dataset = env["PUBSUB_TOPIC"], env["BIGQUERY_DATASET"]
+    reader = PubSubReader(pubsub_endpoint.host, PROJECT, topic, f"test-sub-{topic}")
+    tables = f"{PROJECT}.{dataset}.readings", f"{PROJECT}.{dataset}.readings_rejected"
+    return Cloud(env, config, reader, bigquery.client(), *tables)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from fmi_bridge.readings import Inbound, Reading, validate
 from fmi_bridge.replay import replay
 from fmi_bridge.sinks import BIGQUERY, PUBSUB
 from fmi_bridge.spool import READING, Spool, SpoolFullError, entry
-from tests.conftest import PROJECT, Cloud, PubSubEndpoint, start_bridge
+from tests.conftest import PROJECT, Cloud, PubSubEndpoint, cloud_env, start_bridge
 from tests.pubsub_server import Faults
 from tests.support import (
     ROOT,
@@ -44,25 +44,15 @@ from tests.test_config import run
 _names = itertools.count(1)
 
 
-def cloud_env(pubsub: PubSubEndpoint, bigquery: BigQueryEmulator, broker_port: int) -> dict[str, str]:
-    n = next(_names)
-    return {
-        "APP_ENV": "DEV",
-        "GCP_PROJECT_ID": PROJECT,
-        "PUBSUB_TOPIC": f"ops-{n}-{time.monotonic_ns()}",
-        "BIGQUERY_DATASET": f"ops_{n}_{time.monotonic_ns()}",
-        "BIGQUERY_TABLE": "readings",
-        "PUBSUB_EMULATOR_HOST": pubsub.host,
-        "BIGQUERY_EMULATOR_HOST": bigquery.url,
-        "MQTT_BROKER": "127.0.0.1",
-        "MQTT_PORT": str(broker_port),
-    }
+def operator_env(pubsub: PubSubEndpoint, bigquery: BigQueryEmulator, broker_port: int) -> dict[str, str]:
+    """An unprovisioned DEV environment on the emulators, with the broker at `broker_port`."""
+    return {**cloud_env(pubsub, bigquery), "MQTT_BROKER": "127.0.0.1", "MQTT_PORT": str(broker_port)}
 
 
 def test_check_config_reaches_every_configured_endpoint(
     broker: Broker, pubsub_endpoint: PubSubEndpoint, bigquery: BigQueryEmulator
 ) -> None:
-    env = {**cloud_env(pubsub_endpoint, bigquery, broker.port), "BIGQUERY_STORAGE_EMULATOR_HOST": bigquery.grpc_host}
+    env = {**operator_env(pubsub_endpoint, bigquery, broker.port), "BIGQUERY_STORAGE_EMULATOR_HOST": bigquery.grpc_host}
     result = run(env, "check-config")
     assert result.returncode == 0, result.stderr
     answered = json.loads(result.stdout)["endpoints"]
@@ -80,7 +70,7 @@ def test_check_config_names_each_endpoint_that_does_not_answer_and_its_variable(
 ) -> None:
     dead_broker, dead_pubsub = free_port(), free_port()
     env = {
-        **cloud_env(pubsub_endpoint, bigquery, dead_broker),
+        **operator_env(pubsub_endpoint, bigquery, dead_broker),
         "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{dead_pubsub}",
         "SETUP_TIMEOUT_SECONDS": "2",
     }
@@ -101,7 +91,7 @@ def test_provision_makes_an_ordered_subscription_that_a_consumer_pulls_readings_
     bigquery: BigQueryEmulator,
     bridges: Callable[..., Bridge],
 ) -> None:
-    env = cloud_env(pubsub_endpoint, bigquery, broker.port)
+    env = operator_env(pubsub_endpoint, bigquery, broker.port)
     name = f"consumer-{next(_names)}"
     first = run(env, "provision", "--subscription", name)
     assert first.returncode == 0, first.stderr
