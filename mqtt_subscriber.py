@@ -207,8 +207,9 @@ def spool_import(config: Config, options: argparse.Namespace) -> int:
 
 
 def build_sinks(config: Config) -> list[Sink]:
-    """One per lane: Pub/Sub's lanes (sites hashed onto them), and a BigQuery lane per table (readings, rejects),
-    so a lane that fails holds up no other; with no BigQuery (plain LOCAL) the log sink stands in."""
+    """One per lane: Pub/Sub's lanes (sites hashed onto them, one request per site in flight), and a BigQuery
+    lane per table (readings, rejects), so a lane that fails holds up no other; with no BigQuery (plain LOCAL)
+    the log sink stands in."""
     sinks: list[Sink] = []
     if config.pubsub_enabled:
         publisher = cloud.publisher_client(config)
@@ -221,6 +222,8 @@ def build_sinks(config: Config) -> list[Sink]:
                 batch_size=config.pubsub_batch_size,
                 deadletter_attempts=config.pubsub_deadletter_attempts,
                 timeout=config.sink_timeout_seconds,
+                sites_in_flight=config.pubsub_sites_in_flight,
+                key_bytes_per_second=config.pubsub_key_bytes_per_second,
             )
             for lane in range(config.pubsub_lanes)
         ]

@@ -265,9 +265,23 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "PUBSUB_LANES",
-        "Lanes the sites are hashed onto: one Publish request in flight per lane, a site always in the same lane.",
+        "Lanes the sites are hashed onto, each with its own sender thread; a site always in the same lane.",
         "4",
         _between(_int, 1, 64),
+    ),
+    Setting(
+        "PUBSUB_SITES_IN_FLIGHT",
+        "Publish requests a lane has in flight at once, each of one site (one ordering key); a site has at "
+        "most one, so its order holds (1 to 64).",
+        "8",
+        _between(_int, 1, 64),
+    ),
+    Setting(
+        "PUBSUB_KEY_BYTES_PER_SECOND",
+        "Message bytes one site (ordering key) may publish per second; Google allows at most 1,000,000 "
+        "(1,000 to 1000000).",
+        "1000000",
+        _between(_int, 1000, 1_000_000),
     ),
     Setting(
         "PUBSUB_DEADLETTER_ATTEMPTS",
@@ -362,6 +376,8 @@ class Config:
     pubsub_endpoint: str | None
     pubsub_batch_size: int
     pubsub_lanes: int
+    pubsub_sites_in_flight: int
+    pubsub_key_bytes_per_second: int
     pubsub_deadletter_attempts: int
     bigquery_write_method: str
     bigquery_storage_emulator_host: str | None

@@ -67,7 +67,10 @@ class Metrics:
         self.accepted = Counter("fmi_bridge_messages_accepted", "Valid readings spooled", registry=r)
         self.spooled_bytes = Counter("fmi_bridge_spooled_bytes", "Record bytes committed to the spool", registry=r)
         self.lane_failed = Counter(
-            "fmi_bridge_lane_failed", "Send attempts that failed, by lane (sink/table)", ["lane"], registry=r
+            "fmi_bridge_lane_failed",
+            "Send attempts that failed, by lane (sink/table) and status code (gRPC code name, SPOOL, ERROR)",
+            ["lane", "code"],
+            registry=r,
         )
         self.rejected = Counter("fmi_bridge_messages_rejected", "Messages rejected, by reason", ["reason"], registry=r)
         self.sent = Counter("fmi_bridge_sink_sent", "Records a sink confirmed", ["sink"], registry=r)
@@ -121,6 +124,10 @@ class Metrics:
             "Messages read from the broker, waiting for the intake (bounded; at the bound the link stops reading)",
             registry=self.registry,
         ).set_function(depth)
+
+    def watch_count(self, name: str, text: str, count: Callable[[], float]) -> None:
+        """A figure another module keeps (read at scrape time)."""
+        Gauge(name, text, registry=self.registry).set_function(count)
 
     def watch_spool(self, stats: Callable[[], SpoolStats]) -> None:
         self.registry.register(_SpoolCollector(stats))

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from fmi_bridge.pubsub_limits import MAX_ATTRIBUTE_VALUE_BYTES, MAX_ORDERING_KEY_BYTES, too_long
+
 MAX_PAYLOAD_BYTES = 64 * 1024
 TOPIC_LEVELS = ("FCTS", "FAE", None, "SolvExtract", None)  # None: the site and pi_tag levels
 
@@ -25,6 +27,10 @@ SITE_MISMATCH = "site_mismatch"
 BAD_SENSOR_ID = "bad_sensor_id"
 BAD_TIMESTAMP = "bad_timestamp"
 BAD_VALUE = "bad_value"
+# The site becomes the Pub/Sub ordering key and an attribute, pi_tag an attribute: a topic level longer than
+# Pub/Sub takes is refused there for good, so it is a reject at intake (limits: fmi_bridge/pubsub_limits.py).
+SITE_CODE_TOO_LONG = "site_code_too_long"
+PI_TAG_TOO_LONG = "pi_tag_too_long"
 UNPROCESSABLE = "unprocessable"  # passed validation, yet turning it into a record failed: kept, never fatal
 REASONS = (
     BAD_TOPIC,
@@ -38,6 +44,8 @@ REASONS = (
     BAD_SENSOR_ID,
     BAD_TIMESTAMP,
     BAD_VALUE,
+    SITE_CODE_TOO_LONG,
+    PI_TAG_TOO_LONG,
     UNPROCESSABLE,
 )
 REQUIRED_FIELDS = ("site_code", "sensor_id", "timestamp", "value")
@@ -106,6 +114,11 @@ def parse_topic(topic: str) -> tuple[str, str]:
     site, pi_tag = levels[2], levels[4]
     if not site or not pi_tag:
         raise _RejectError(BAD_TOPIC, "site and pi_tag levels must not be empty")
+    site_limit = min(MAX_ORDERING_KEY_BYTES, MAX_ATTRIBUTE_VALUE_BYTES)
+    if detail := too_long("site_code", site, site_limit, "an ordering key and an attribute value"):
+        raise _RejectError(SITE_CODE_TOO_LONG, detail)
+    if detail := too_long("pi_tag", pi_tag, MAX_ATTRIBUTE_VALUE_BYTES, "an attribute value"):
+        raise _RejectError(PI_TAG_TOO_LONG, detail)
     return site, pi_tag
 
 

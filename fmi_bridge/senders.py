@@ -23,7 +23,8 @@ class Sender:
         self.sink = sink
         self.spool = spool
         self.metrics = metrics
-        self.wakeup = threading.Event()
+        # A sink that answers asynchronously (Pub/Sub) sets its own event when an answer arrives.
+        self.wakeup: threading.Event = getattr(sink, "wakeup", None) or threading.Event()
         self.heartbeat = time.monotonic()
         self._backoff = Backoff(initial=0.5, maximum=10.0)
         self._error_log = RateLimiter(per_second=0.2, burst=3)
@@ -38,34 +39,39 @@ class Sender:
             try:
                 progressed = self._round()
             except SinkUnavailableError as exc:
-                self._failed()
+                self._failed("NOT_FOUND")
                 self._warn("sink unavailable", str(exc), self.owed())
                 progressed = False
             except SpoolError as exc:  # e.g. disk full: nothing was sent; the same step is tried again later
-                self._failed()
+                self._failed("SPOOL")
                 self._warn("cannot record the lane's progress in the spool", str(exc), self.owed())
                 progressed = False
             except Exception:  # thread boundary: log, count, keep the loop alive
                 log.exception("sender round failed", extra={"sink": self.sink.lane})
-                self._failed()
+                self._failed("ERROR")
                 progressed = False
             if progressed is None:
                 self.wakeup.wait(IDLE_POLL_SECONDS)
                 self.wakeup.clear()
             elif progressed:
                 self._backoff.reset()
-                self._recovered()
             else:
                 self._down_since = self._down_since or time.monotonic()
                 stop.wait(self._backoff.next_delay())
 
-    def _failed(self) -> None:
+    def _failed(self, code: str) -> None:
         self.metrics.failed.labels(self.sink.name).inc()
-        self.metrics.lane_failed.labels(self.sink.lane).inc()
+        self.metrics.lane_failed.labels(self.sink.lane, code).inc()
 
-    def _recovered(self) -> None:
-        """One line when a lane that was failing delivers again: how long it was down, what it then owed."""
-        if self._down_since is None:
+    def _track_health(self, result: WriteResult) -> None:
+        """Down from a failure until a round delivers while no part of the lane still fails; then one line
+        saying how long it was down and what it then owed."""
+        if result.retry:
+            self._down_since = self._down_since or time.monotonic()
+            return
+        if self._down_since is None or not (result.done or result.dead_letters):
+            return
+        if getattr(self.sink, "failing", False):  # a sink that backs off per site: one site still waits
             return
         log.info(
             "sink recovered",
@@ -78,11 +84,12 @@ class Sender:
         self._down_since = None
 
     def _round(self) -> bool | None:
-        """None when there was nothing to send, else whether anything left the spool."""
+        """None when there was nothing to send (or only answers to wait for), else whether anything left the
+        spool."""
         if not self._settle_unsettled():
             return False
         batch = self.sink.next_batch(self.spool)
-        if not batch:
+        if not batch and not getattr(self.sink, "busy", False):  # a sink with requests in flight collects them
             return None
         started = time.monotonic()
         try:
@@ -91,11 +98,17 @@ class Sender:
             raise  # the batch stays in the spool; run() waits a backoff and says what to do
         except Exception as exc:  # a sink fault must not lose the batch: it stays in the spool
             log.exception("sink write failed", extra={"sink": self.sink.lane})
-            result = WriteResult(retry=[record.id for record in batch], error=str(exc))
-        self.metrics.send_seconds.labels(self.sink.name).observe(time.monotonic() - started)
+            result = WriteResult(retry=[record.id for record in batch], error=str(exc), code="ERROR")
+        for seconds in [time.monotonic() - started] if result.seconds is None else result.seconds:
+            self.metrics.send_seconds.labels(self.sink.name).observe(seconds)
         self._unsettled = WriteResult(done=list(result.done), dead_letters=list(result.dead_letters))
         self._count(result)
-        return self._settle_unsettled() and bool(result.done or result.dead_letters)
+        self._track_health(result)
+        if not self._settle_unsettled():
+            return False
+        if result.done or result.dead_letters:
+            return True
+        return False if result.retry and result.hold_lane else None
 
     def _settle_unsettled(self) -> bool:
         if not (self._unsettled.done or self._unsettled.dead_letters):
@@ -117,7 +130,7 @@ class Sender:
         self.metrics.sent.labels(name).inc(len(result.done))
         self.metrics.dead_lettered.labels(name).inc(len(result.dead_letters))
         if result.retry:
-            self._failed()
+            self._failed(result.code or "ERROR")
             self.metrics.retried.labels(name).inc(len(result.retry))
             self._warn(
                 "sink did not take every record; they stay in the spool and are sent again",

@@ -1,40 +1,112 @@
 """Pub/Sub sink: KPI events in spool order per site (ordering key = site_code), by Publish RPCs.
 
-Sites are hashed onto PUBSUB_LANES lanes; each lane is a sink of its own with its own sender thread, so a slow
-or failing lane never holds up another, and exactly one Publish request of a lane is in flight at a time: a
-site's messages reach Pub/Sub in spool order. One request carries up to PUBSUB_BATCH_SIZE (at most 1,000)
-messages under 10 MB, of mixed sites (the API allows mixed ordering keys in one request).
+Google's service takes one ordering key per Publish request ("All PubsubMessages published in a given
+PublishRequest must specify the same ordering_key", `PubsubMessage` in google/pubsub_v1/types/pubsub.py; a
+mixed request is refused with FAILED_PRECONDITION). So a request carries one site's messages, and within a lane
+several sites' requests are in flight at once, one per site:
 
-Rules, per lane:
-- A transient failure (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, …, or the request's own deadline) leaves the
-  batch in the spool; it is sent again from its first record after a jittered backoff. Duplicates are possible
-  (a request that landed but whose answer was lost); a reordering of first deliveries is not.
-- INVALID_ARGUMENT on a request narrows it down by halving, in order. A record refused alone holds its lane
-  (nothing after it is sent) until it was refused PUBSUB_DEADLETTER_ATTEMPTS times; then it goes to the rejects
-  table (reason `pubsub_rejected`) and the lane moves on.
-- NOT_FOUND (topic) and PERMISSION_DENIED would fail every record alike: retried with backoff until an operator
-  fixes them.
+- A site's next request leaves only after its previous one was answered and settled: per-site order of first
+  deliveries is spool order. A lost answer means the request is sent again: duplicates are possible, a
+  reordering is not.
+- A request holds up to PUBSUB_BATCH_SIZE (at most 1,000) messages and stays under 10 MB measured as sent
+  (attributes, ordering key and framing included), and under the site's throughput budget: Google allows
+  1 MB/s per ordering key (fmi_bridge/pubsub_limits.py).
+- A failing or slow site waits alone (its own jittered backoff); the lane's other sites go on.
+- INVALID_ARGUMENT narrows the request down by halving, in order. A record refused alone holds its site until
+  it was refused PUBSUB_DEADLETTER_ATTEMPTS times; then it goes to the rejects table (reason
+  `pubsub_rejected`) and the site moves on.
+- A code that waiting cannot cure (NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION, UNAUTHENTICATED,
+  INVALID_ARGUMENT) is logged as an ERROR once per change, naming what an operator can do; the site is retried
+  with backoff until it is fixed. RESOURCE_EXHAUSTED slows that site only (the installed client's Publish retry
+  settings treat it as retryable: google/pubsub_v1/services/publisher/transports/base.py).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.api_core import exceptions as api_exceptions
 from google.pubsub_v1 import types
 
+from fmi_bridge import pubsub_limits as limits
+from fmi_bridge.backoff import Backoff
 from fmi_bridge.events import dead_letter_row, kpi_message
-from fmi_bridge.sinks import PUBSUB, WriteResult, missing
+from fmi_bridge.sinks import PUBSUB, WriteResult, error_code
 from fmi_bridge.spool import Record, Spool
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_REASON = "pubsub_rejected"
-MAX_MESSAGES = 1000  # Pub/Sub's limit per Publish request
-REQUEST_BYTES = 9_000_000  # of record bytes: under the 10 MB request limit with the attributes and framing
+FRAMING_BYTES = 6  # a message's field tag and length prefix in the request: at most 1 + 5 bytes
+READ_AHEAD = 4  # records read per round: this many requests' worth, so several sites are found at once
+# What an operator can do about a refusal that waiting cannot cure.
+OPERATOR_ACTIONS = {
+    "NOT_FOUND": "the topic does not exist: `python mqtt_subscriber.py provision` creates it",
+    "PERMISSION_DENIED": "grant the bridge's service account roles/pubsub.publisher on the topic",
+    "UNAUTHENTICATED": "check the bridge's credentials (Application Default Credentials)",
+    "FAILED_PRECONDITION": "the service refused the request's form; the readings stay spooled: report it with "
+    "this line",
+    "INVALID_ARGUMENT": "a message breaks a Pub/Sub limit; it goes to the rejects table after "
+    "PUBSUB_DEADLETTER_ATTEMPTS refusals",
+}
 _Message = types.PubsubMessage.pb()
 _Request = types.PublishRequest.pb()
+
+
+@dataclass
+class _Outcome:
+    """What became of one site's request."""
+
+    done: list[int] = field(default_factory=list)
+    dead_letters: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    retry: list[int] = field(default_factory=list)
+    code: str | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class _Site:
+    """A site that failed or used up its throughput budget: when it may send again."""
+
+    backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.5, maximum=10.0))
+    not_before: float = 0.0
+    failing: bool = False
+
+
+class KeyMeter:
+    """Bytes published per ordering key over a sliding window: how much a key may send now."""
+
+    def __init__(self, budget: int, window: float = limits.KEY_WINDOW_SECONDS) -> None:
+        self.budget = budget
+        self.window = window
+        self._sent: dict[str, deque[tuple[float, int]]] = {}
+
+    def room(self, key: str, now: float) -> int:
+        sent = self._sent.get(key)
+        if not sent:
+            return self.budget
+        while sent and sent[0][0] <= now - self.window:
+            sent.popleft()
+        if not sent:
+            del self._sent[key]  # idle keys leave no state behind
+            return self.budget
+        return self.budget - sum(size for _, size in sent)
+
+    def free_at(self, key: str) -> float:
+        """When the oldest bytes of the key leave the window."""
+        sent = self._sent.get(key)
+        return sent[0][0] + self.window if sent else 0.0
+
+    def spend(self, key: str, size: int, now: float) -> None:
+        self._sent.setdefault(key, deque()).append((now, size))
 
 
 class PubSubSink:
@@ -51,68 +123,174 @@ class PubSubSink:
         batch_size: int,
         deadletter_attempts: int,
         timeout: float,
+        sites_in_flight: int = 8,
+        key_bytes_per_second: int = limits.KEY_BYTES_PER_SECOND,
     ) -> None:
         self.client = client  # google.pubsub_v1.PublisherClient: the RPCs themselves, no client-side batching
         self.topic_path = topic_path
         self.lane_number = lane
         self.lane = f"{self.name}/{lane}" if lanes > 1 else self.name
-        self.batch_size = min(batch_size, MAX_MESSAGES)
+        self.batch_size = min(batch_size, limits.MAX_MESSAGES_PER_REQUEST)
         self.deadletter_attempts = deadletter_attempts
         self.timeout = timeout
+        self.sites_in_flight = sites_in_flight
+        self.wakeup = threading.Event()  # set when a request is answered; the lane's sender waits on it
+        self._meter = KeyMeter(min(key_bytes_per_second, limits.KEY_BYTES_PER_SECOND))
+        self._request_budget = limits.MAX_REQUEST_BYTES - len(topic_path.encode()) - FRAMING_BYTES
+        self._pool = ThreadPoolExecutor(max_workers=sites_in_flight, thread_name_prefix=f"publish-{lane}")
+        self._in_flight: dict[str, Future[_Outcome]] = {}
+        self._sites: dict[str, _Site] = {}  # only sites that failed or wait for budget
         self._attempts: dict[int, int] = {}  # record id -> times refused when sent alone
+        self._refusal: tuple[str, str] | None = None  # the last refusal logged as an ERROR
+
+    @property
+    def busy(self) -> bool:
+        """Requests are in flight: the sender comes round to collect them even with nothing new to send."""
+        return bool(self._in_flight)
+
+    @property
+    def failing(self) -> bool:
+        return any(site.failing for site in self._sites.values())
 
     def next_batch(self, spool: Spool) -> list[Record]:
-        return spool.pending(self.bit, self.batch_size, lane=self.lane_number, max_bytes=REQUEST_BYTES)
+        if len(self._in_flight) >= self.sites_in_flight:
+            return []
+        now = time.monotonic()
+        waiting = [key for key, site in self._sites.items() if site.not_before > now]
+        return spool.pending(
+            self.bit,
+            self.batch_size * READ_AHEAD,
+            lane=self.lane_number,
+            skip_sites=[*self._in_flight, *waiting],
+        )
 
     def owed(self, spool: Spool) -> int:
         return spool.count_pending(self.bit, lane=self.lane_number)
 
     def write(self, records: list[Record]) -> WriteResult:
-        result = WriteResult()
-        sent = self._publish(records, result)
-        result.retry.extend(record.id for record in records[sent:])
+        """Collect the answers that came in, then send one request per site of `records` (none of them in
+        flight). Never waits for an answer: the sender comes round again when one arrives."""
+        seconds: list[float] = []
+        result = WriteResult(hold_lane=False, seconds=seconds)
+        self._collect(result, seconds)
+        now = time.monotonic()
+        for key, messages, chosen, quota in self._requests(records, now):
+            if len(self._in_flight) >= self.sites_in_flight:
+                break
+            self._meter.spend(key, quota, now)
+            future = self._pool.submit(self._publish, chosen, messages)
+            self._in_flight[key] = future
+            future.add_done_callback(lambda _: self.wakeup.set())
         return result
 
-    def _publish(self, records: list[Record], result: WriteResult) -> int:
+    def _requests(self, records: list[Record], now: float) -> Iterator[tuple[str, list[Any], list[Record], int]]:
+        """Per site, in order of first appearance: the messages of its next request, their records, and their
+        bytes as Pub/Sub's throughput quota counts them (the PubsubMessages)."""
+        by_site: dict[str, list[Record]] = {}
+        for record in records:
+            by_site.setdefault(record.site_code or "", []).append(record)
+        for key, site_records in by_site.items():
+            room = min(self._meter.room(key, now), self._request_budget)
+            messages: list[Any] = []
+            quota = 0
+            for record in site_records[: self.batch_size]:
+                message = _message(record)
+                size = message.ByteSize()
+                if size + FRAMING_BYTES > room:
+                    break
+                room -= size + FRAMING_BYTES
+                quota += size
+                messages.append(message)
+            if messages:
+                yield key, messages, site_records[: len(messages)], quota
+            else:  # the site used its throughput budget: it waits until its oldest bytes leave the window
+                self._sites.setdefault(key, _Site()).not_before = self._meter.free_at(key)
+
+    def _collect(self, result: WriteResult, seconds: list[float]) -> None:
+        for key, future in list(self._in_flight.items()):
+            if not future.done():
+                continue
+            del self._in_flight[key]
+            outcome = future.result()
+            seconds.append(outcome.seconds)
+            result.done += outcome.done
+            result.dead_letters += outcome.dead_letters
+            result.retry += outcome.retry
+            if outcome.retry:
+                result.code, result.error = outcome.code, f"site {key}: {outcome.error}"
+                site = self._sites.setdefault(key, _Site())
+                site.failing = True
+                site.not_before = time.monotonic() + site.backoff.next_delay()
+                self._name_refusal(outcome)
+            elif outcome.done or outcome.dead_letters:
+                self._sites.pop(key, None)
+                if not self.failing:
+                    self._refusal = None  # a refusal that comes back later is logged again
+
+    def _name_refusal(self, outcome: _Outcome) -> None:
+        action = OPERATOR_ACTIONS.get(outcome.code or "")
+        if action is None:
+            return  # transient: the sender's rate-limited warning says it
+        refusal = (outcome.code or "", (outcome.error or "")[:200])
+        if refusal == self._refusal:
+            return
+        self._refusal = refusal
+        log.error(
+            "Pub/Sub refused a request; the readings stay in the spool",
+            extra={"sink": self.lane, "code": outcome.code, "error": outcome.error, "action": action},
+        )
+
+    def _publish(self, records: list[Record], messages: list[Any]) -> _Outcome:
+        """One site's request, narrowed by halving on INVALID_ARGUMENT. Runs on the lane's pool."""
+        outcome = _Outcome()
+        started = time.monotonic()
+        sent = self._send(records, messages, outcome)
+        outcome.retry = [record.id for record in records[sent:]]
+        outcome.seconds = time.monotonic() - started
+        return outcome
+
+    def _send(self, records: list[Record], messages: list[Any], outcome: _Outcome) -> int:
         """Publish in order; return how many records (from the first) are settled, confirmed or dead-lettered."""
         try:
             self.client.publish(
-                request=types.PublishRequest(_Request(topic=self.topic_path, messages=map(_message, records))),
-                retry=None,  # the sender retries, with backoff, from the first unconfirmed record
+                request=types.PublishRequest(_Request(topic=self.topic_path, messages=messages)),
+                retry=None,  # the sink retries, with backoff, from the first unconfirmed record
                 timeout=self.timeout,
             )
         except api_exceptions.InvalidArgument as exc:
             if len(records) == 1:
-                return self._refused_alone(records[0], exc, result)
+                return self._refused_alone(records[0], exc, outcome)
             half = len(records) // 2
-            first = self._publish(records[:half], result)
-            return first if first < half else half + self._publish(records[half:], result)
-        except api_exceptions.NotFound as exc:
-            raise missing(f"Pub/Sub topic {self.topic_path}") from exc
-        except Exception as exc:  # transient, or an operator's to fix: the whole request waits in the spool
-            result.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            first = self._send(records[:half], messages[:half], outcome)
+            if first < half:
+                return first
+            return half + self._send(records[half:], messages[half:], outcome)
+        except Exception as exc:  # transient, or an operator's to fix: the rest of the request waits
+            outcome.code, outcome.error = error_code(exc), f"{type(exc).__name__}: {str(exc)[:300]}"
             return 0
         for record in records:
             self._attempts.pop(record.id, None)
-        result.done.extend(record.id for record in records)
+        outcome.done += [record.id for record in records]
         return len(records)
 
-    def _refused_alone(self, record: Record, exc: Exception, result: WriteResult) -> int:
+    def _refused_alone(self, record: Record, exc: Exception, outcome: _Outcome) -> int:
         attempts = self._attempts.get(record.id, 0) + 1
+        outcome.code = error_code(exc)
         if attempts < self.deadletter_attempts:
             self._attempts[record.id] = attempts
-            result.error = f"Pub/Sub refused one reading ({attempts}/{self.deadletter_attempts}): {exc}"
-            return 0  # the lane waits: nothing after it may overtake it
+            outcome.error = f"refused one reading ({attempts}/{self.deadletter_attempts}): {exc}"
+            return 0  # the site waits: nothing after it may overtake it
         self._attempts.pop(record.id, None)
         detail = f"Pub/Sub refused it {attempts} times: {exc}"
         log.error(
             "reading refused by Pub/Sub; moved to the rejects table",
             extra={"event_id": record.row.get("event_id"), "site_code": record.site_code, "detail": detail},
         )
-        result.dead_letters.append((record.id, dead_letter_row(record.row, DEAD_LETTER_REASON, detail)))
+        outcome.dead_letters.append((record.id, dead_letter_row(record.row, DEAD_LETTER_REASON, detail)))
         return 1
 
     def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)  # unanswered requests stay spooled
         self.client.transport.close()
 
 

@@ -28,12 +28,26 @@ def missing(resource: str) -> SinkUnavailableError:
 @dataclass
 class WriteResult:
     """done: confirmed; dead_letters: refused for good, with the rejects-table row to keep instead;
-    retry: to send again later; error: why something is retried, for the log."""
+    retry: to send again later; error and code: why something is retried, for the log and the lane's failure
+    metric; seconds: the requests' durations, where the sink sends asynchronously; hold_lane: a failure makes
+    the whole lane wait a backoff (False where the sink backs off per site)."""
 
     done: list[int] = field(default_factory=list)
     dead_letters: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     retry: list[int] = field(default_factory=list)
     error: str | None = None
+    code: str | None = None
+    hold_lane: bool = True
+    seconds: list[float] | None = None  # how long each answered request took, where write() does not wait
+
+
+def error_code(exc: BaseException) -> str:
+    """The status of a failed call as the lane's failure metric labels it: the gRPC code's name (HTTP errors
+    of the REST clients map onto the same names), else the exception's type."""
+    code = getattr(exc, "grpc_status_code", None)
+    if code is not None:
+        return str(code.name)
+    return type(exc).__name__
 
 
 class Sink(Protocol):

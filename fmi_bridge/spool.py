@@ -374,14 +374,19 @@ class Spool:
         kind: str | None = None,
         lane: int | None = None,
         max_bytes: int | None = None,
+        skip_sites: Sequence[str] = (),
     ) -> list[Record]:
         """Oldest records still waiting for the sink with this bit (of one kind, or of one lane's sites, if
-        given), in spool order; at most `limit` records and, past the first, at most `max_bytes` of them."""
+        given, but none of `skip_sites`), in spool order; at most `limit` records and, past the first, at most
+        `max_bytes` of them."""
         sql = f"SELECT id, kind, site_code, body, size FROM records WHERE pending & {int(bit)}"
         params: list[Any] = []
         if lane is not None:
             sql += f" AND {self._lane_clause(bit)}"
             params.append(lane)
+        if skip_sites:
+            sql += " AND site_code NOT IN (SELECT value FROM json_each(?))"
+            params.append(json.dumps(list(skip_sites), ensure_ascii=False))
         if kind is not None:
             sql += " AND kind = ?"
             params.append(kind)

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fmi_bridge.config import Config
 from fmi_bridge.provision import provision
+from tests.pubsub_conformance import PubSubConformanceLayer
 from tests.pubsub_server import Faults, PubSubServer
 from tests.support import (
     BigQueryEmulator,
@@ -46,9 +47,15 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 @dataclass
 class PubSubEndpoint:
-    host: str
+    host: str  # the conformance layer's: every test's Pub/Sub traffic goes through it
     server: PubSubServer | None  # None for Google's emulator
     name: str
+    layer: PubSubConformanceLayer
+
+
+def _behind_layer(backend: str, server: PubSubServer | None, name: str) -> PubSubEndpoint:
+    layer = PubSubConformanceLayer(backend).start()
+    return PubSubEndpoint(layer.host, server, name, layer)
 
 
 BACKEND_USE: Counter[str] = Counter()  # tests per Pub/Sub backend, for the summary
@@ -59,30 +66,41 @@ def google_pubsub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSubEn
     """Google's emulator on a free port, or None where it is not installed."""
     external = os.environ.get("PUBSUB_EMULATOR_HOST")
     if external:
-        yield PubSubEndpoint(external, None, f"the emulator at {external}")
+        endpoint = _behind_layer(external, None, f"the emulator at {external}")
+        yield endpoint
+        endpoint.layer.stop()
         return
     if not GooglePubSubEmulator.installed():
         yield None
         return
     emulator = GooglePubSubEmulator(tmp_path_factory.mktemp("pubsub-emulator")).start()
-    yield PubSubEndpoint(emulator.host, None, "Google's Pub/Sub emulator")
+    endpoint = _behind_layer(emulator.host, None, "Google's Pub/Sub emulator")
+    yield endpoint
+    endpoint.layer.stop()
     emulator.stop()
 
 
 @pytest.fixture(scope="session")
 def pubsub_test_server() -> Iterator[PubSubEndpoint]:
     server = PubSubServer().start()
-    yield PubSubEndpoint(server.host, server, "the in-repo Pub/Sub test server")
+    endpoint = _behind_layer(server.host, server, "the in-repo Pub/Sub test server")
+    yield endpoint
+    endpoint.layer.stop()
     server.stop()
 
 
 @pytest.fixture
-def pubsub_endpoint(request: pytest.FixtureRequest, google_pubsub: PubSubEndpoint | None) -> PubSubEndpoint:
-    """Google's emulator, unless the test injects faults (only the test server can) or it is not installed."""
+def pubsub_endpoint(request: pytest.FixtureRequest, google_pubsub: PubSubEndpoint | None) -> Iterator[PubSubEndpoint]:
+    """Google's emulator, unless the test injects faults (only the test server can) or it is not installed;
+    either behind the conformance layer. A test that the layer had to refuse a request for fails, unless it is
+    marked `pubsub_refusals` (it sends one on purpose)."""
     needs_faults = "faults" in request.fixturenames
     endpoint = google_pubsub if google_pubsub and not needs_faults else request.getfixturevalue("pubsub_test_server")
     BACKEND_USE[endpoint.name] += 1
-    return endpoint
+    endpoint.layer.reset()
+    yield endpoint
+    if request.node.get_closest_marker("pubsub_refusals") is None:
+        assert not endpoint.layer.refusals, f"the bridge sent what Google's Pub/Sub refuses: {endpoint.layer.refusals}"
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

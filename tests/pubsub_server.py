@@ -2,7 +2,8 @@
 google-cloud-pubsub ships, reached by the real client through PUBSUB_EMULATOR_HOST.
 
 It keeps topics and subscriptions in memory, delivers in publish order, and injects faults on Publish:
-UNAVAILABLE for a while, added latency, or INVALID_ARGUMENT for requests a predicate picks.
+UNAVAILABLE for a while, added latency, or a chosen code (INVALID_ARGUMENT unless told) for requests a
+predicate picks.
 
     python tests/pubsub_server.py --port 8085     (run it alone, e.g. for `make run` against emulators)
 """
@@ -39,7 +40,8 @@ class Faults:
 
     unavailable: bool = False
     latency_seconds: float = 0.0
-    reject: Callable[[Any], bool] | None = None  # a PubsubMessage → True answers INVALID_ARGUMENT
+    reject: Callable[[Any], bool] | None = None  # a PubsubMessage → True answers `reject_code`
+    reject_code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
     publish_calls: int = 0
     refused_calls: int = 0
     largest_request: int = 0  # messages in the largest Publish request seen
@@ -86,7 +88,7 @@ class PubSubState:
             context.abort(grpc.StatusCode.UNAVAILABLE, "injected: service unavailable")
         if faults.reject is not None and any(faults.reject(message) for message in request.messages):
             faults.refused_calls += 1
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "injected: message refused")
+            context.abort(faults.reject_code, f"injected: message refused with {faults.reject_code.name}")
         with self.lock:
             if request.topic not in self.topics:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"Topic not found: {request.topic}")

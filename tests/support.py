@@ -6,6 +6,7 @@ import getpass
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -242,6 +243,19 @@ class GooglePubSubEmulator:
                 self.process.wait(5)
 
 
+def metric_sum(text: str, name: str, labels: str = "") -> float:
+    """The sum of a metric's samples in a Prometheus text page that carry every one of `labels` (e.g.
+    'lane="pubsub/1"' matches each code of that lane); 0 when none has a sample yet."""
+    wanted = set(re.findall(r'\w+="[^"]*"', labels))
+    total = 0.0
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        metric, _, label_text = sample.partition("{")
+        if metric == name and wanted <= set(re.findall(r'\w+="[^"]*"', label_text)):
+            total += float(value)
+    return total
+
+
 # -- The bridge under test ---------------------------------------------------------------------------------
 
 
@@ -290,11 +304,7 @@ class Bridge:
         status, text = self.status("/metrics")
         if status != 200:
             return math.nan
-        wanted = f"{name}{{{labels}}}" if labels else name
-        for line in text.splitlines():
-            if line.startswith(wanted + " "):
-                return float(line.split()[-1])
-        return 0.0
+        return metric_sum(text, name, labels)
 
     def kill(self) -> None:
         assert self.process is not None

@@ -58,6 +58,27 @@ def test_bad_topics(topic: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("site", "pi_tag", "reason"),
+    [
+        ("S" * 1024, "T", None),  # exactly Pub/Sub's 1,024 bytes: taken
+        ("S" * 1025, "T", r.SITE_CODE_TOO_LONG),
+        ("é" * 513, "T", r.SITE_CODE_TOO_LONG),  # 513 characters, 1,026 bytes: the limit is in bytes
+        ("MOR", "T" * 1024, None),
+        ("MOR", "€" * 342, r.PI_TAG_TOO_LONG),  # 1,026 bytes
+    ],
+)
+def test_topic_levels_longer_than_pubsub_takes_are_rejected_naming_the_limit(
+    site: str, pi_tag: str, reason: str | None
+) -> None:
+    outcome = check(f"FCTS/FAE/{site}/SolvExtract/{pi_tag}", {**GOOD, "site_code": site})
+    if reason is None:
+        assert isinstance(outcome, Reading)
+    else:
+        assert reason_of(outcome) == reason
+        assert isinstance(outcome, Reject) and "1,024 bytes" in outcome.detail and "Pub/Sub" in outcome.detail
+
+
+@pytest.mark.parametrize(
     ("payload", "reason"),
     [
         (b"\xff\xfe{}", r.BAD_ENCODING),

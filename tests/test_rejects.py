@@ -34,6 +34,9 @@ BAD = {
     r.BAD_SENSOR_ID: Published(T, json.dumps({**GOOD, "sensor_id": 12}).encode()),
     r.BAD_TIMESTAMP: Published(T, json.dumps({**GOOD, "timestamp": "2026-11-20 08:00"}).encode()),
     r.BAD_VALUE: Published(T, json.dumps({**GOOD, "value": "12.5"}).encode()),
+    # Pub/Sub's 1,024-byte ordering key and attribute value: 600 characters, 1,200 bytes in UTF-8
+    r.SITE_CODE_TOO_LONG: Published(f"FCTS/FAE/{'é' * 600}/SolvExtract/TAG", json.dumps(GOOD).encode()),
+    r.PI_TAG_TOO_LONG: Published(f"FCTS/FAE/MOR/SolvExtract/{'é' * 600}", json.dumps(GOOD).encode()),
 }
 
 

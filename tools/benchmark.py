@@ -46,6 +46,7 @@ from fmi_bridge.config import Config  # noqa: E402
 from fmi_bridge.events import kpi_message, reading_row  # noqa: E402
 from fmi_bridge.provision import provision  # noqa: E402
 from fmi_bridge.readings import Inbound, Reading, validate  # noqa: E402
+from tests.pubsub_conformance import PubSubConformanceLayer  # noqa: E402
 from tests.support import (  # noqa: E402
     BigQueryEmulator,
     Bridge,
@@ -146,6 +147,16 @@ class Rig:
     pubsub_host: str
     pubsub_pid: int
     env: dict[str, str]
+    layer: PubSubConformanceLayer  # the bridge publishes through it, as in the tests
+
+    def conformance(self) -> None:
+        """Whether Google's rules held over the run: refusals, and the busiest ordering key's second."""
+        busiest = max((self.layer.most_bytes_in_a_second(key) for key in list(self.layer.key_history)), default=0)
+        print(
+            f"  conformance layer: {self.layer.requests:,} Publish requests, {len(self.layer.refusals)} refused "
+            f"{sorted(set(self.layer.refusals))}; busiest ordering key {busiest:,} bytes in one second "
+            "(Google's limit 1,000,000)"
+        )
 
     def parts(self, bridge: Bridge) -> dict[str, int]:
         """The processes that share the machine's cores during a measurement."""
@@ -179,13 +190,14 @@ def rig(pubsub: str, latency: float = 0.0, bigquery_method: str = "insert_all") 
         helpers.append(subprocess.Popen([*proxy, "--latency", str(latency)], stdout=subprocess.PIPE, text=True))
         assert helpers[-1].stdout is not None
         bigquery_url = helpers[-1].stdout.readline().split()[-1]
+    layer = PubSubConformanceLayer(pubsub_host).start()
     env = {
         "APP_ENV": "DEV",
         "GCP_PROJECT_ID": PROJECT,
         "PUBSUB_TOPIC": "kpi",
         "BIGQUERY_DATASET": "bench",
         "BIGQUERY_TABLE": "readings",
-        "PUBSUB_EMULATOR_HOST": pubsub_host,
+        "PUBSUB_EMULATOR_HOST": layer.host,
         "BIGQUERY_EMULATOR_HOST": bigquery_url,
         "BIGQUERY_WRITE_METHOD": bigquery_method,
         "MQTT_PORT": str(broker.port),
@@ -195,8 +207,9 @@ def rig(pubsub: str, latency: float = 0.0, bigquery_method: str = "insert_all") 
         env["BIGQUERY_STORAGE_EMULATOR_HOST"] = bigquery.grpc_host
     provision(Config.from_env({**env, "BIGQUERY_EMULATOR_HOST": bigquery.url}))
     try:
-        yield Rig(work, broker, bigquery, pubsub_host, pubsub_pid, env)
+        yield Rig(work, broker, bigquery, pubsub_host, pubsub_pid, env, layer)
     finally:
+        layer.stop()
         for helper in helpers:
             helper.kill()
         if google is not None:
@@ -349,6 +362,7 @@ def e2e(options: argparse.Namespace) -> int:
             print(f"bare paho, MQTT 5:        {bare5[0]:,.0f}/s, {bare5[1]:.0f} µs CPU a message")
             print(f"bare paho, MQTT 3.1.1:    {bare3[0]:,.0f}/s, {bare3[1]:.0f} µs CPU a message")
             report("bridge", count, completion, started, done, bridge=bridge, acked=acked)
+            setup.conformance()
             print(f"  ratio to bare MQTT 5 (seen):      {bridge_rate / bare5[0]:.2f}")
             if len(acked.at) == 2:
                 acked_rate = count / (max(acked.at.values()) - started)
@@ -388,6 +402,7 @@ def backlog(options: argparse.Namespace) -> int:
                 f"backlog of {count:,} readings, {options.sites} sites; Pub/Sub: {options.pubsub}; {options.bigquery}"
             )
             report("drain", count, completion, started, done, bridge=draining, acked=acked)
+            setup.conformance()
             bridge_cpu = acked.cpu_at_both - cpu_before["bridge"]
             print(f"  bridge CPU a reading (to acked):  {bridge_cpu / count * 1e6:.0f} µs")
             print_cpu_share(cpu_before, cpu_after, done - started)
