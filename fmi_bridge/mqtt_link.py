@@ -27,6 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from fmi_bridge import mqtt_publish_decoder
 from fmi_bridge.backoff import Backoff
 from fmi_bridge.config import Config
 from fmi_bridge.inbox import Inbox
@@ -80,6 +81,12 @@ class MqttLink:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        mqtt_publish_decoder.install()  # a property paho cannot parse costs neither the message nor the connection
+        metrics.watch_count(
+            "fmi_bridge_mqtt_properties_skipped",
+            "Messages delivered without their MQTT 5 properties, which paho could not parse",
+            mqtt_publish_decoder.properties_skipped,
+        )
 
     # -- the connection loop (its own thread) ---------------------------------------------------------------
 
