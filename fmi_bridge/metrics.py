@@ -98,6 +98,11 @@ class Metrics:
             "fmi_bridge_mqtt_retained", "Retained messages the broker sent (only on a new subscription)", registry=r
         )
         self.disconnects = Counter("fmi_bridge_mqtt_disconnects", "MQTT connections lost or closed", registry=r)
+        self.qos0_dropped = Counter(
+            "fmi_bridge_mqtt_qos0_dropped",
+            "QoS 0 messages dropped because the inbox was at its bound (at most once by contract)",
+            registry=r,
+        )
         self.acks_withheld = Counter(
             "fmi_bridge_acks_withheld", "Messages left un-acknowledged because the spool had no room", registry=r
         )

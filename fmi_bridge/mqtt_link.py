@@ -1,8 +1,10 @@
 """The broker connection: persistent MQTT 5 session, QoS 1, manual acknowledgement, jittered reconnects.
 
 One thread owns the connection: it connects, reads, writes and sends every PUBACK (the intake hands them over;
-paho's manual loop is not safe with two writers, and an SSL socket must not be used from two threads). It reads
-only while the inbox has room, so a flood, QoS 0 included, waits in TCP buffers and the broker, not in memory.
+paho's manual loop is not safe with two writers, and an SSL socket must not be used from two threads). It keeps
+reading while the spool takes nothing, so keepalive is answered and the session never drops under backpressure
+(a drop would throw away the acknowledgements of what the intake then commits: duplicates). Memory stays
+bounded all the same: QoS 1 by Receive Maximum, QoS 0 by the inbox, which drops and counts what it cannot hold.
 
 paho's own reconnect is switched off: this loop reconnects with jittered exponential backoff, so a fleet of
 restarted bridges does not hammer a recovering broker in step.
@@ -31,6 +33,7 @@ from fmi_bridge import mqtt_publish_decoder
 from fmi_bridge.backoff import Backoff
 from fmi_bridge.config import Config
 from fmi_bridge.inbox import Inbox
+from fmi_bridge.logs import RateLimiter
 from fmi_bridge.metrics import Metrics
 from fmi_bridge.readings import Inbound
 
@@ -40,7 +43,6 @@ QOS = 1
 # Retained readings only when the subscription is new: a resumed session must not get them again on every
 # reconnect (a new session gets the broker's last retained reading once; its event_id is unchanged).
 RETAIN_HANDLING = SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
-FULL_INBOX_POLL_SECONDS = 0.05
 
 
 class MqttLink:
@@ -48,7 +50,7 @@ class MqttLink:
         self.config = config
         self.metrics = metrics
         self.inbox = inbox
-        inbox.on_room = self.wake
+        self._drop_log = RateLimiter(per_second=0.2, burst=1)
         self.connected = False
         self.subscribed = False
         self.reading = True  # cleared at shutdown: the broker keeps what was not read
@@ -122,17 +124,14 @@ class MqttLink:
         self.heartbeat = time.monotonic()
 
     def _pump(self, timeout: float) -> int:
-        """One turn of the network loop, as paho's loop() but reading only while the inbox has room."""
+        """One turn of the network loop, as paho's loop(), with the acknowledgements handed over sent first."""
         self._send_acks()
         sock = self.client.socket()
         if sock is None:
             return int(mqtt.MQTT_ERR_NO_CONN)
-        room = self.reading and self.inbox.has_room()
-        buffered = sock.pending() if room and isinstance(sock, ssl.SSLSocket) else 0
-        if not room:
-            timeout = min(timeout, FULL_INBOX_POLL_SECONDS)
+        buffered = sock.pending() if self.reading and isinstance(sock, ssl.SSLSocket) else 0
         readable, writable, _ = select.select(
-            [self._wake_r, sock] if room else [self._wake_r],
+            [self._wake_r, sock] if self.reading else [self._wake_r],
             [sock] if self.client.want_write() else [],
             [],
             0.0 if buffered else timeout,
@@ -211,9 +210,15 @@ class MqttLink:
             topic = message._topic.decode("utf-8", "backslashreplace")  # validation rejects it as bad_topic
         if message.retain:
             self.metrics.retained.inc()
-        self.inbox.put(
-            Inbound(topic, bytes(message.payload), datetime.now(UTC), message.qos, message.mid, self.generation)
-        )
+        inbound = Inbound(topic, bytes(message.payload), datetime.now(UTC), message.qos, message.mid, self.generation)
+        if not self.inbox.put(inbound):
+            self.metrics.qos0_dropped.inc()
+            allowed, held_back = self._drop_log.allow("qos0")
+            if allowed:
+                log.warning(
+                    "QoS 0 messages dropped: the intake is behind and QoS 0 is at most once",
+                    extra={"dropped_since_last": held_back + 1, "inbox_messages": len(self.inbox)},
+                )
 
     # -- acknowledgement: handed over by the intake, sent by this link's thread -----------------------------
 
@@ -223,7 +228,7 @@ class MqttLink:
         self.wake()
 
     def wake(self) -> None:
-        """Break the link's select() early (acks to send, or room in the inbox again)."""
+        """Break the link's select() early: acknowledgements to send."""
         with contextlib.suppress(OSError):  # already awake (buffer full), or shutting down: the loop comes round
             self._wake_w.send(b"\0")
 

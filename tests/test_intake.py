@@ -54,17 +54,24 @@ def test_a_message_that_breaks_processing_is_kept_as_unprocessable_and_the_rest_
     assert reject["payload"] == poison.payload.decode()  # the raw payload is kept for audit
 
 
-def test_the_inbox_is_bounded_and_calls_back_when_it_has_room_again() -> None:
-    woken = []
-    inbox = Inbox(max_messages=3, max_bytes=10**6, on_room=lambda: woken.append(True))
+def test_the_inbox_drops_qos0_at_its_bound_and_always_takes_qos1() -> None:
+    inbox = Inbox(max_messages=3, max_bytes=10**6)
     for n in range(3):
-        inbox.put(message(n))
+        assert inbox.put(message(n))
     assert not inbox.has_room()
+    assert not inbox.put(Inbound(TOPIC, b"{}", NOW, qos=0))  # at most once: dropped, counted by the link
+    assert inbox.put(message(9))  # at least once: the broker's Receive Maximum bounds these
+    assert len(inbox) == 4
 
-    assert len(inbox.take(2, timeout=0)) == 2
-    assert inbox.has_room() and woken == [True]
+    assert len(inbox.take(3, timeout=0)) == 3
+    assert inbox.has_room()
 
-    by_bytes = Inbox(max_messages=100, max_bytes=150)
-    by_bytes.put(message(1))
-    by_bytes.put(message(2))
-    assert not by_bytes.has_room()
+
+def test_the_inbox_bound_counts_the_topic_too() -> None:
+    """A 64 KiB topic with an empty payload is 64 KiB held, not nothing."""
+    inbox = Inbox(max_messages=1000, max_bytes=1024**2)
+    long_topic = "FCTS/FAE/MOR/SolvExtract/" + "T" * 65_000
+    held = 0
+    while inbox.put(Inbound(long_topic, b"", NOW, qos=0)):
+        held += 1
+    assert 14 <= held <= 17  # about 1 MiB of topics, far from the 1,000 messages an empty payload would allow

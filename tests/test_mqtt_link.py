@@ -3,7 +3,9 @@ against a spool that takes nothing leaves the bridge's memory bounded (the broke
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +13,18 @@ import pytest
 
 from fmi_bridge.inbox import MAX_MESSAGES
 from tests.conftest import Cloud, start_bridge
-from tests.support import LOCAL_ONLY, Bridge, Broker, bq_query, expected_ids, reading, wait_until
+from tests.support import (
+    LOCAL_ONLY,
+    Bridge,
+    Broker,
+    Published,
+    bq_query,
+    expected_ids,
+    publish,
+    reading,
+    readings,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -82,3 +95,42 @@ def test_a_qos0_flood_against_a_spool_that_takes_nothing_keeps_memory_bounded(
     print(f"\nQoS 0 flood of {count} x 2 KiB with the spool refusing: bridge peak RSS {peak:.1f} MiB")
     assert peak < 150
     assert bridge.alive()
+    # The link kept reading (keepalive answered): what the inbox could not hold was dropped and counted.
+    assert bridge.metric("fmi_bridge_mqtt_qos0_dropped_total") > 0
+    assert bridge.metric("fmi_bridge_mqtt_disconnects_total") == 0
+
+
+def test_the_session_survives_a_spool_that_takes_nothing_for_three_keepalives(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], tmp_path: Path
+) -> None:
+    """A write lock held on the spool stalls the intake; large readings fill the inbox by bytes. The link must
+    still answer keepalive, or the broker drops the session and sends again what the intake then commits."""
+    keepalive = 2
+    bridge = start_bridge(bridges, cloud, broker, MQTT_KEEPALIVE=str(keepalive))
+    pad = "x" * 40_000
+    large = [
+        Published(message.topic, message.payload[:-1] + f', "pad": "{pad}"}}'.encode())
+        for message in readings(["MOR", "BAG"], 600)
+    ]
+    holder = sqlite3.connect(tmp_path / "spool" / "spool.db", timeout=5)
+    holder.execute("BEGIN EXCLUSIVE")  # the spool takes nothing while this is held
+    try:
+        publish(broker.port, large)
+        wait_until(lambda: bridge.metric("fmi_bridge_inbox_messages") > 0, 30, "the inbox filling")
+        time.sleep(3 * keepalive + 2)  # three keepalive periods and more with nothing committed
+        assert bridge.metric("fmi_bridge_mqtt_disconnects_total") == 0
+    finally:
+        holder.rollback()
+        holder.close()
+
+    assert cloud.reader.wait_for(len(large), 120) == expected_ids(large)
+    wait_until(
+        lambda: bq_query(cloud.bq, f"SELECT count(*) AS n FROM `{cloud.readings_table}`")[0]["n"] >= len(large),
+        120,
+        "every row in BigQuery",
+    )
+    time.sleep(2)  # anything sent twice would arrive by now
+    cloud.reader.pull()
+    assert len(cloud.reader.messages) == len(large)  # messages, not distinct ids: none sent twice
+    assert bq_query(cloud.bq, f"SELECT count(*) AS n FROM `{cloud.readings_table}`")[0]["n"] == len(large)
+    assert bridge.metric("fmi_bridge_mqtt_disconnects_total") == 0
