@@ -48,6 +48,7 @@ def render(
         if security is None:
             raise ValueError(f"APP_ENV={app_env} needs the broker's TLS certificate, key and password file")
         lines += [
+            "use_username_as_clientid true",  # a login can only ever have its own session
             f"certfile {security.tls_cert}",
             f"keyfile {security.tls_key}",
             "tls_version tlsv1.2",

@@ -88,25 +88,28 @@ class KeyMeter:
         self.budget = budget
         self.window = window
         self._sent: dict[str, deque[tuple[float, int]]] = {}
+        self._lock = threading.Lock()  # the sender asks for room, the pool's threads spend
 
     def room(self, key: str, now: float) -> int:
-        sent = self._sent.get(key)
-        if not sent:
-            return self.budget
-        while sent and sent[0][0] <= now - self.window:
-            sent.popleft()
-        if not sent:
-            del self._sent[key]  # idle keys leave no state behind
-            return self.budget
-        return self.budget - sum(size for _, size in sent)
+        with self._lock:
+            sent = self._sent.get(key)
+            while sent and sent[0][0] <= now - self.window:
+                sent.popleft()
+            if not sent:
+                self._sent.pop(key, None)  # idle keys leave no state behind
+                return self.budget
+            return self.budget - sum(size for _, size in sent)
 
     def free_at(self, key: str) -> float:
         """When the oldest bytes of the key leave the window."""
-        sent = self._sent.get(key)
-        return sent[0][0] + self.window if sent else 0.0
+        with self._lock:
+            sent = self._sent.get(key)
+            return sent[0][0] + self.window if sent else 0.0
 
-    def spend(self, key: str, size: int, now: float) -> None:
-        self._sent.setdefault(key, deque()).append((now, size))
+    def spend(self, key: str, size: int) -> None:
+        """Counted when the request leaves, not when it was planned: the service sees the sending time."""
+        with self._lock:
+            self._sent.setdefault(key, deque()).append((time.monotonic(), size))
 
 
 class PubSubSink:
@@ -174,35 +177,32 @@ class PubSubSink:
         result = WriteResult(hold_lane=False, seconds=seconds)
         self._collect(result, seconds)
         now = time.monotonic()
-        for key, messages, chosen, quota in self._requests(records, now):
+        for key, messages, chosen in self._requests(records, now):
             if len(self._in_flight) >= self.sites_in_flight:
                 break
-            self._meter.spend(key, quota, now)
-            future = self._pool.submit(self._publish, chosen, messages)
+            future = self._pool.submit(self._publish, key, chosen, messages)
             self._in_flight[key] = future
             future.add_done_callback(lambda _: self.wakeup.set())
         return result
 
-    def _requests(self, records: list[Record], now: float) -> Iterator[tuple[str, list[Any], list[Record], int]]:
-        """Per site, in order of first appearance: the messages of its next request, their records, and their
-        bytes as Pub/Sub's throughput quota counts them (the PubsubMessages)."""
+    def _requests(self, records: list[Record], now: float) -> Iterator[tuple[str, list[Any], list[Record]]]:
+        """Per site, in order of first appearance: the messages of its next request and their records, within
+        the request size and the site's throughput budget (counted on the PubsubMessages, as the quota is)."""
         by_site: dict[str, list[Record]] = {}
         for record in records:
             by_site.setdefault(record.site_code or "", []).append(record)
         for key, site_records in by_site.items():
             room = min(self._meter.room(key, now), self._request_budget)
             messages: list[Any] = []
-            quota = 0
             for record in site_records[: self.batch_size]:
                 message = _message(record)
-                size = message.ByteSize()
-                if size + FRAMING_BYTES > room:
+                size = message.ByteSize() + FRAMING_BYTES
+                if size > room:
                     break
-                room -= size + FRAMING_BYTES
-                quota += size
+                room -= size
                 messages.append(message)
             if messages:
-                yield key, messages, site_records[: len(messages)], quota
+                yield key, messages, site_records[: len(messages)]
             else:  # the site used its throughput budget: it waits until its oldest bytes leave the window
                 self._sites.setdefault(key, _Site()).not_before = self._meter.free_at(key)
 
@@ -240,17 +240,18 @@ class PubSubSink:
             extra={"sink": self.lane, "code": outcome.code, "error": outcome.error, "action": action},
         )
 
-    def _publish(self, records: list[Record], messages: list[Any]) -> _Outcome:
+    def _publish(self, key: str, records: list[Record], messages: list[Any]) -> _Outcome:
         """One site's request, narrowed by halving on INVALID_ARGUMENT. Runs on the lane's pool."""
         outcome = _Outcome()
         started = time.monotonic()
-        sent = self._send(records, messages, outcome)
+        sent = self._send(key, records, messages, outcome)
         outcome.retry = [record.id for record in records[sent:]]
         outcome.seconds = time.monotonic() - started
         return outcome
 
-    def _send(self, records: list[Record], messages: list[Any], outcome: _Outcome) -> int:
+    def _send(self, key: str, records: list[Record], messages: list[Any], outcome: _Outcome) -> int:
         """Publish in order; return how many records (from the first) are settled, confirmed or dead-lettered."""
+        self._meter.spend(key, sum(message.ByteSize() for message in messages))  # a resent half counts again
         try:
             self.client.publish(
                 request=types.PublishRequest(_Request(topic=self.topic_path, messages=messages)),
@@ -261,10 +262,10 @@ class PubSubSink:
             if len(records) == 1:
                 return self._refused_alone(records[0], exc, outcome)
             half = len(records) // 2
-            first = self._send(records[:half], messages[:half], outcome)
+            first = self._send(key, records[:half], messages[:half], outcome)
             if first < half:
                 return first
-            return half + self._send(records[half:], messages[half:], outcome)
+            return half + self._send(key, records[half:], messages[half:], outcome)
         except Exception as exc:  # transient, or an operator's to fix: the rest of the request waits
             outcome.code, outcome.error = error_code(exc), f"{type(exc).__name__}: {str(exc)[:300]}"
             return 0

@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,14 @@ class Record:
     id: int
     kind: str
     site_code: str | None
-    row: dict[str, Any]
+    body: str  # the row as stored (JSON), decoded on first use: a sender may read records it does not send yet
     offset: int | None = None  # its place in a BigQuery write stream, once given (see offset_batch)
+
+    @cached_property
+    def row(self) -> dict[str, Any]:
+        """The row every sink derives its output from."""
+        decoded: dict[str, Any] = json.loads(self.body)
+        return decoded
 
 
 @dataclass(frozen=True)
@@ -522,7 +529,7 @@ class Spool:
                 [(first + index, record.id) for index, record in enumerate(batch)],
             )
             conn.execute("UPDATE write_streams SET next_offset = ? WHERE lane = ?", (first + len(batch), lane))
-        return [Record(r.id, r.kind, r.site_code, r.row, first + index) for index, r in enumerate(batch)]
+        return [Record(r.id, r.kind, r.site_code, r.body, first + index) for index, r in enumerate(batch)]
 
     def take_back_offsets(self, lane: str, ids: Sequence[int], first: int) -> None:
         """The stream refused an append whole (e.g. a bad row): its records get offsets again from `first`."""
@@ -596,7 +603,7 @@ def _lock_exclusively(path: Path) -> Any:
 
 
 def _record(row: tuple[Any, ...]) -> Record:
-    return Record(row[0], row[1], row[2], json.loads(row[3]), row[5] if len(row) > 5 else None)
+    return Record(row[0], row[1], row[2], row[3], row[5] if len(row) > 5 else None)
 
 
 def lane_of(site_code: str | None, lanes: int) -> int:
