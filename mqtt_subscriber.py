@@ -308,16 +308,16 @@ def run(config: Config, options: argparse.Namespace | None = None) -> int:
     for sender in senders:
         loops.add(f"sender-{sender.sink.lane}", sender)
     loops.add("stats", stats)
-    health = HealthServer(
-        config.port,
-        host=config.listen_address,
-        liveness=loops.liveness,
-        readiness=lambda: readiness(link, intake, spool),
-        metrics=metrics,
-    )
+    checks = {"/liveness_check": loops.liveness, "/readiness_check": lambda: readiness(link, intake, spool)}
+    health = HealthServer(config.port, checks=checks, host=config.listen_address)
+    operators = HealthServer(config.metrics_port, checks=checks, host="127.0.0.1", metrics=metrics)
     health.start()
+    operators.start()
     loops.start()
-    log.info("running", extra={"health_port": health.port, "sinks": [sink.lane for sink in sinks]})
+    log.info(
+        "running",
+        extra={"health_port": health.port, "metrics_port": operators.port, "sinks": [sink.lane for sink in sinks]},
+    )
 
     stopping.wait()
     log.info(
@@ -327,12 +327,15 @@ def run(config: Config, options: argparse.Namespace | None = None) -> int:
     stop_in_order(config.shutdown_flush_seconds, link=link, loops=loops, senders=senders, sinks=sinks)
     log.info("stopped", extra={"records_kept_in_spool": spool.stats().records, "failed_loops": loops.failed})
     health.stop()
+    operators.stop()
     return EXIT_FAULT if loops.failed else 0
 
 
 def readiness(link: MqttLink, intake: Intake, spool: Spool) -> str | None:
     if not link.connected:
         return "not connected to the MQTT broker"
+    if link.subscription_refused:
+        return f"the broker refused the subscription, asking again: {link.subscription_refused}"
     if not link.subscribed:
         return "not subscribed yet"
     if intake.full_reason:

@@ -221,7 +221,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MQTT_TLS_CA", "CA certificate file; setting it turns TLS on (required in PRD).", parse=_readable_file),
     Setting("MQTT_TLS_CERT", "Client certificate file for mutual TLS (optional).", parse=_readable_file),
     Setting("MQTT_TLS_KEY", "Client key file for mutual TLS (goes with MQTT_TLS_CERT).", parse=_readable_file),
-    Setting("PORT", "HTTP port for /liveness_check, /readiness_check and /metrics.", "8080", _port),
+    Setting("PORT", "HTTP port for /liveness_check and /readiness_check (App Engine's probes).", "8080", _port),
+    Setting(
+        "METRICS_PORT",
+        "HTTP port for /metrics (and the two checks), on 127.0.0.1 only: never reachable from outside the instance.",
+        "9464",
+        _port,
+    ),
     Setting(
         "LISTEN_ADDRESS",
         "Address the health port and the broker's listener bind to; default `127.0.0.1` in LOCAL (a developer's "
@@ -368,6 +374,7 @@ class Config:
     mqtt_tls_key: Path | None
     port: int
     listen_address: str
+    metrics_port: int
     spool_dir: Path
     spool_max_bytes: int
     spool_min_free_bytes: int

@@ -1,4 +1,5 @@
-"""HTTP endpoints for the platform and operators: liveness, readiness and Prometheus metrics."""
+"""HTTP endpoints for the platform and operators: liveness and readiness on PORT, which App Engine routes from
+outside; Prometheus metrics on a second listener bound to 127.0.0.1 (METRICS_PORT), which no route reaches."""
 
 from __future__ import annotations
 
@@ -24,15 +25,14 @@ class HealthServer:
     (App Engine restarts an instance after a few failed liveness probes). The checks read the spool only on
     connections of their own, so the short-lived threads leave nothing open."""
 
-    def __init__(self, port: int, *, liveness: Check, readiness: Check, metrics: Metrics, host: str) -> None:
-        checks = {"/liveness_check": liveness, "/readiness_check": readiness}
+    def __init__(self, port: int, *, checks: dict[str, Check], host: str, metrics: Metrics | None = None) -> None:
 
         class Handler(BaseHTTPRequestHandler):
             timeout = REQUEST_TIMEOUT_SECONDS
 
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
-                if path == "/metrics":
+                if path == "/metrics" and metrics is not None:
                     self._answer(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
                 elif path in checks:
                     try:

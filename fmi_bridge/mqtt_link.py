@@ -53,6 +53,9 @@ class MqttLink:
         self._drop_log = RateLimiter(per_second=0.2, burst=1)
         self.connected = False
         self.subscribed = False
+        self.subscription_refused: str | None = None  # the broker's reason codes, while it refuses
+        self._subscribe_backoff = Backoff(initial=1.0, maximum=60.0)
+        self._subscribe_at: float | None = None  # when to ask again after a refusal
         self.reading = True  # cleared at shutdown: the broker keeps what was not read
         self.generation = 0
         self._closing = False
@@ -118,6 +121,8 @@ class MqttLink:
                 continue
             while not stop.is_set() and self._pump(timeout=1.0) == mqtt.MQTT_ERR_SUCCESS:
                 self.heartbeat = time.monotonic()
+                if self._subscribe_at is not None and self.heartbeat >= self._subscribe_at:
+                    self._subscribe()
             if not stop.is_set():
                 stop.wait(self._backoff.next_delay())
         self._close()
@@ -180,17 +185,32 @@ class MqttLink:
             "connected to broker",
             extra={"session_present": bool(flags.session_present), "client_id": self.config.mqtt_client_id},
         )
-        # Subscribe on every connect: cheap, and right even if the broker lost the session.
+        self._subscribe()  # on every connect: cheap, and right even if the broker lost the session
+
+    def _subscribe(self) -> None:
+        self._subscribe_at = None
         options = SubscribeOptions(qos=QOS, retainHandling=RETAIN_HANDLING)
-        client.subscribe([(topic, options) for topic in self.config.mqtt_topic])
+        self.client.subscribe([(topic, options) for topic in self.config.mqtt_topic])
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any], properties: Any) -> None:
-        refused = [str(reason) for reason in reasons if reason.is_failure]
+        refused = [
+            f"{topic}: {reason} (0x{reason.value:02X})"
+            for topic, reason in zip(self.config.mqtt_topic, reasons, strict=False)
+            if reason.is_failure
+        ]
         if refused:
+            # An ACL or a filter the broker will not take: connected but idle would look healthy. Say it, keep
+            # readiness failing, and ask again with backoff (an operator may fix the ACL meanwhile).
+            delay = self._subscribe_backoff.next_delay()
+            self._subscribe_at = time.monotonic() + delay
+            self.subscription_refused = "; ".join(refused)
             log.error(
-                "broker refused the subscription", extra={"reasons": refused, "topics": list(self.config.mqtt_topic)}
+                "broker refused the subscription; asking again",
+                extra={"reasons": refused, "retry_in_seconds": round(delay, 1)},
             )
             return
+        self._subscribe_backoff.reset()
+        self.subscription_refused = None
         self.subscribed = True
         log.info("subscribed", extra={"topics": list(self.config.mqtt_topic)})
 
@@ -198,6 +218,7 @@ class MqttLink:
         was_connected = self.connected
         self.connected = False
         self.subscribed = False
+        self._subscribe_at = None  # the next connect subscribes anyway
         if was_connected:
             self.metrics.disconnects.inc()
             level = logging.INFO if self._closing else logging.WARNING

@@ -39,13 +39,12 @@ from fmi_bridge import pubsub_limits as limits
 from fmi_bridge.backoff import Backoff
 from fmi_bridge.events import dead_letter_row, kpi_message
 from fmi_bridge.sinks import PUBSUB, WriteResult, error_code
-from fmi_bridge.spool import Record, Spool
+from fmi_bridge.spool import Record, Spool, lane_of
 
 log = logging.getLogger(__name__)
 
 DEAD_LETTER_REASON = "pubsub_rejected"
 FRAMING_BYTES = 6  # a message's field tag and length prefix in the request: at most 1 + 5 bytes
-READ_AHEAD = 4  # records read per round: this many requests' worth, so several sites are found at once
 # What an operator can do about a refusal that waiting cannot cure.
 OPERATOR_ACTIONS = {
     "NOT_FOUND": "the topic does not exist: `python mqtt_subscriber.py provision` creates it",
@@ -132,6 +131,7 @@ class PubSubSink:
         self.client = client  # google.pubsub_v1.PublisherClient: the RPCs themselves, no client-side batching
         self.topic_path = topic_path
         self.lane_number = lane
+        self.lanes = lanes
         self.lane = f"{self.name}/{lane}" if lanes > 1 else self.name
         self.batch_size = min(batch_size, limits.MAX_MESSAGES_PER_REQUEST)
         self.deadletter_attempts = deadletter_attempts
@@ -156,16 +156,20 @@ class PubSubSink:
         return any(site.failing for site in self._sites.values())
 
     def next_batch(self, spool: Spool) -> list[Record]:
-        if len(self._in_flight) >= self.sites_in_flight:
+        """The next records of the lane's sites that may send now (none in flight, none waiting), oldest site
+        first, up to one request's worth each."""
+        free = self.sites_in_flight - len(self._in_flight)
+        if free <= 0:
             return []
         now = time.monotonic()
-        waiting = [key for key, site in self._sites.items() if site.not_before > now]
-        return spool.pending(
-            self.bit,
-            self.batch_size * READ_AHEAD,
-            lane=self.lane_number,
-            skip_sites=[*self._in_flight, *waiting],
+        ready = sorted(
+            (first, site)
+            for site, first in spool.pending_sites(self.bit)
+            if lane_of(site, self.lanes) == self.lane_number
+            and site not in self._in_flight
+            and not (site in self._sites and self._sites[site].not_before > now)
         )
+        return [record for _, site in ready[:free] for record in spool.pending(self.bit, self.batch_size, site=site)]
 
     def owed(self, spool: Spool) -> int:
         return spool.count_pending(self.bit, lane=self.lane_number)

@@ -207,8 +207,8 @@ class Spool:
         conn.execute("CREATE INDEX IF NOT EXISTS offsets_given ON records(kind, id) WHERE write_offset IS NOT NULL")
         for bit in _bits(self.reading_bits | self.reject_bits):
             conn.execute(f"CREATE INDEX IF NOT EXISTS pending_{bit} ON records(id) WHERE pending & {bit}")
-        for bit, count in self.lanes.items():
-            self._index_lanes(conn, bit, count)
+        for bit in self.lanes:
+            self._index_sites(conn, bit)
         for bit in _bits(self.reading_bits & self.reject_bits):
             # A sink that takes both kinds drains them in lanes of their own: one per kind.
             conn.execute(f"CREATE INDEX IF NOT EXISTS pending_{bit}_kind ON records(kind, id) WHERE pending & {bit}")
@@ -221,17 +221,14 @@ class Spool:
             self._owed[bit] = list(owed)
 
     @staticmethod
-    def _index_lanes(conn: sqlite3.Connection, bit: int, count: int) -> None:
-        """An index per (lane, id) of the records this sink owes, for exactly this many lanes."""
-        wanted = f"pending_{bit}_lanes_{count}"
+    def _index_sites(conn: sqlite3.Connection, bit: int) -> None:
+        """An index per (site, id) of the records this sink owes: a site's next records, and the sites that have
+        any, are index seeks, however large another site's backlog."""
         for (name,) in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE ?", (f"pending_{bit}_lanes_%",)
         ).fetchall():
-            if name != wanted:
-                conn.execute(f"DROP INDEX {name}")
-        conn.execute(
-            f"CREATE INDEX IF NOT EXISTS {wanted} ON records(lane_of(site_code, {count}), id) WHERE pending & {bit}"
-        )
+            conn.execute(f"DROP INDEX {name}")  # the (lane, id) index of earlier versions
+        conn.execute(f"CREATE INDEX IF NOT EXISTS pending_{bit}_sites ON records(site_code, id) WHERE pending & {bit}")
 
     def _connection(self, synchronous: str = "NORMAL", busy_seconds: float = 0.0) -> sqlite3.Connection:
         """This thread's connection; the first call in a thread sets its durability for good."""
@@ -380,20 +377,19 @@ class Spool:
         *,
         kind: str | None = None,
         lane: int | None = None,
+        site: str | None = None,
         max_bytes: int | None = None,
-        skip_sites: Sequence[str] = (),
     ) -> list[Record]:
-        """Oldest records still waiting for the sink with this bit (of one kind, or of one lane's sites, if
-        given, but none of `skip_sites`), in spool order; at most `limit` records and, past the first, at most
-        `max_bytes` of them."""
+        """Oldest records still waiting for the sink with this bit (of one kind, of one lane's sites or of one
+        site, if given), in spool order; at most `limit` records and, past the first, at most `max_bytes`."""
         sql = f"SELECT id, kind, site_code, body, size FROM records WHERE pending & {int(bit)}"
         params: list[Any] = []
         if lane is not None:
-            sql += f" AND {self._lane_clause(bit)}"
-            params.append(lane)
-        if skip_sites:
-            sql += " AND site_code NOT IN (SELECT value FROM json_each(?))"
-            params.append(json.dumps(list(skip_sites), ensure_ascii=False))
+            sql += " AND site_code IN (SELECT value FROM json_each(?))"
+            params.append(json.dumps(self.sites_of_lane(bit, lane), ensure_ascii=False))
+        if site is not None:
+            sql += " AND site_code = ?"
+            params.append(site)
         if kind is not None:
             sql += " AND kind = ?"
             params.append(kind)
@@ -408,14 +404,29 @@ class Spool:
             records.append(_record(row))
         return records
 
-    def _lane_clause(self, bit: int) -> str:
-        # The literal lane count, so SQLite matches the expression index.
-        return f"lane_of(site_code, {int(self.lanes[bit])}) = ?"
+    def pending_sites(self, bit: int) -> list[tuple[str, int]]:
+        """Every site with records owed to this sink, and the id of its oldest: one index seek a site (a loose
+        index scan), not a read of the records."""
+        b = int(bit)
+        sql = f"""
+            WITH RECURSIVE sites(site) AS (
+                SELECT min(site_code) FROM records WHERE pending & {b}
+                UNION ALL
+                SELECT (SELECT min(site_code) FROM records WHERE pending & {b} AND site_code > site)
+                FROM sites WHERE site IS NOT NULL
+            )
+            SELECT site, (SELECT min(id) FROM records WHERE pending & {b} AND site_code = site)
+            FROM sites WHERE site IS NOT NULL"""
+        return [(site, first) for site, first in self._connection().execute(sql)]
+
+    def sites_of_lane(self, bit: int, lane: int) -> list[str]:
+        return [site for site, _ in self.pending_sites(bit) if lane_of(site, self.lanes[bit]) == lane]
 
     def count_pending(self, bit: int, kind: str | None = None, lane: int | None = None) -> int:
         sql = f"SELECT count(*) FROM records WHERE pending & {int(bit)}"
         if lane is not None:
-            return int(self._observe(f"{sql} AND {self._lane_clause(bit)}", (lane,))[0])
+            sites = json.dumps(self.sites_of_lane(bit, lane), ensure_ascii=False)
+            return int(self._observe(f"{sql} AND site_code IN (SELECT value FROM json_each(?))", (sites,))[0])
         if kind is None:
             return int(self._observe(sql)[0])
         return int(self._observe(sql + " AND kind = ?", (kind,))[0])

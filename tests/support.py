@@ -265,9 +265,11 @@ class Bridge:
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:
         self.workdir = workdir
         self.port = free_port()
+        self.metrics_port = free_port()
         self.env = {
             **os.environ,
             "PORT": str(self.port),
+            "METRICS_PORT": str(self.metrics_port),
             "SPOOL_DIR": str(workdir / "spool"),
             "PYTHONUNBUFFERED": "1",
             **env,
@@ -301,10 +303,14 @@ class Bridge:
     def metric(self, name: str, labels: str = "") -> float:
         """The metric's value; 0 when it has no sample yet; NaN when the bridge does not answer (so a wait for
         "0 left" cannot pass on a bridge that is not up)."""
-        status, text = self.status("/metrics")
+        status, text = self.metrics_page()
         if status != 200:
             return math.nan
         return metric_sum(text, name, labels)
+
+    def metrics_page(self) -> tuple[int, str]:
+        """/metrics, from the loopback listener that serves it."""
+        return http_get(int(self.env["METRICS_PORT"]), "/metrics")
 
     def kill(self) -> None:
         assert self.process is not None

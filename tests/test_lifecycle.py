@@ -14,6 +14,7 @@ from tests.support import (
     Bridge,
     Broker,
     Published,
+    listening_on,
     publish,
     readings,
     wait_until,
@@ -137,7 +138,10 @@ def test_metrics_cover_intake_spool_sinks_and_connection(
     assert bridge.metric("fmi_bridge_sink_sent_total", 'sink="bigquery"') == 31
     assert bridge.metric("fmi_bridge_sink_send_seconds_count", 'sink="pubsub"') >= 1
     assert bridge.metric("fmi_bridge_mqtt_connects_total") == 1
-    _, text = bridge.status("/metrics")
+    assert bridge.status("/metrics")[0] == 404  # the port App Engine routes serves the checks only
+    status, text = bridge.metrics_page()
+    assert status == 200
+    assert listening_on(bridge.metrics_port) == {"127.0.0.1"}  # unreachable from outside the instance
     for name in (
         "fmi_bridge_spool_bytes",
         "fmi_bridge_spool_oldest_record_age_seconds",

@@ -3,11 +3,13 @@ against a spool that takes nothing leaves the bridge's memory bounded (the broke
 
 from __future__ import annotations
 
+import getpass
 import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +22,8 @@ from tests.support import (
     Published,
     bq_query,
     expected_ids,
+    free_port,
+    port_open,
     publish,
     reading,
     readings,
@@ -134,3 +138,58 @@ def test_the_session_survives_a_spool_that_takes_nothing_for_three_keepalives(
     assert len(cloud.reader.messages) == len(large)  # messages, not distinct ids: none sent twice
     assert bq_query(cloud.bq, f"SELECT count(*) AS n FROM `{cloud.readings_table}`")[0]["n"] == len(large)
     assert bridge.metric("fmi_bridge_mqtt_disconnects_total") == 0
+
+
+DYNSEC = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+
+
+@pytest.mark.skipif(not Path(DYNSEC).exists(), reason="Debian's Mosquitto dynamic security plugin is not installed")
+def test_a_refused_subscription_is_named_keeps_readiness_failing_and_is_asked_again(
+    bridges: Callable[..., Bridge], tmp_path: Path
+) -> None:
+    """Mosquitto's acl_file grants every subscription and filters delivery; its dynamic security plugin refuses a
+    subscription the client's roles do not allow (SUBACK 0x87), as a broker an operator secured that way would."""
+    port, security = free_port(), tmp_path / "dynamic-security.json"
+    subprocess.run(["mosquitto_ctrl", "dynsec", "init", str(security), "admin", "admin-pass"], check=True, timeout=30)
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(
+        f"per_listener_settings false\nplugin {DYNSEC}\nplugin_opt_config_file {security}\n"
+        f"listener {port} 127.0.0.1\nallow_anonymous false\nuser {getpass.getuser()}\n"
+    )
+    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_open(port), 10, "mosquitto to listen")
+
+        def dynsec(*args: str) -> None:
+            ctrl = ["mosquitto_ctrl", "-h", "127.0.0.1", "-p", str(port), "-u", "admin", "-P", "admin-pass"]
+            subprocess.run([*ctrl, "dynsec", *args], check=True, timeout=30, capture_output=True)
+
+        dynsec("createClient", "bridge", "-p", "bridge-pass")  # by default no client may subscribe
+        dynsec("createClient", "site", "-p", "site-pass")
+        dynsec("createRole", "writer")
+        dynsec("addRoleACL", "writer", "publishClientSend", "FCTS/FAE/#", "allow")
+        dynsec("addClientRole", "site", "writer")
+        bridge = bridges(
+            {**LOCAL_ONLY, "MQTT_PORT": str(port), "MQTT_USERNAME": "bridge", "MQTT_PASSWORD": "bridge-pass"}
+        ).start()
+
+        def refusals() -> list[dict[str, Any]]:
+            return [e for e in bridge.log_entries() if e.get("message", "").startswith("broker refused the subscr")]
+
+        first, again = wait_until(lambda: refusals()[:2] if len(refusals()) >= 2 else None, 30, "a second ask")
+        assert first["severity"] == "ERROR" and "0x87" in first["reasons"][0]  # Not authorized
+        assert first["retry_in_seconds"] <= 1.0 <= again["retry_in_seconds"]  # backoff: 1 s doubling, jittered
+        assert bridge.metric("fmi_bridge_mqtt_connects_total") == 1  # asked again on the same connection
+        status, text = bridge.status("/readiness_check")
+        assert status == 503 and "refused the subscription" in text and "0x87" in text
+
+        dynsec("createRole", "reader")  # the operator grants it (the plugin then drops the client to apply it)
+        dynsec("addRoleACL", "reader", "subscribePattern", "FCTS/FAE/#", "allow")
+        dynsec("addClientRole", "bridge", "reader")
+
+        bridge.wait_ready(90)
+        publish(port, [reading("MOR", 1)], username="site", password="site-pass")
+        wait_until(lambda: bridge.metric("fmi_bridge_messages_accepted_total") == 1, 30, "a reading through")
+    finally:
+        broker.kill()
+        broker.wait(10)

@@ -7,10 +7,12 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from fmi_bridge.broker_conf import BrokerSecurity, acl_text
@@ -20,6 +22,8 @@ from tests.support import (
     ROOT,
     Bridge,
     Broker,
+    Published,
+    bq_distinct_ids,
     connack,
     expected_ids,
     free_port,
@@ -146,6 +150,9 @@ def start_prd_bridge(bridges: Callable[..., Bridge], cloud: Cloud, broker: Broke
 def test_bridge_connects_with_tls_and_credentials_and_the_acl_keeps_sites_apart(
     prd_broker: Broker, pki: Pki, cloud: Cloud, bridges: Callable[..., Bridge], tmp_path: Path
 ) -> None:
+    # The bridge's login may only read. Asked before the bridge runs: a second login with its user name would
+    # take its session (the broker binds the client id to the user name), which is the bridge's own to hold.
+    assert v5_publish(prd_broker.port, pki, BRIDGE_USER, BRIDGE_PASSWORD, reading("S1", 3)) == "Not authorized"
     bridge = start_prd_bridge(bridges, cloud, prd_broker, pki, tmp_path)
     own_s1, own_s2 = reading("S1", 1), reading("S2", 1)
     s1_posing_as_s2 = reading("S2", 2)
@@ -156,11 +163,60 @@ def test_bridge_connects_with_tls_and_credentials_and_the_acl_keeps_sites_apart(
     assert cloud.reader.wait_for(2, 30) == expected_ids([own_s1, own_s2])
     wait_until(lambda: bridge.metric("fmi_bridge_messages_received_total") == 2, 10, "the intake count")
     assert BRIDGE_PASSWORD not in bridge.output()
-    # The bridge itself may only read.
-    publish(prd_broker.port, [reading("S1", 3)], username=BRIDGE_USER, password=BRIDGE_PASSWORD, tls_ca=pki.ca)
-    publish(prd_broker.port, [reading("S1", 4)], username="S1", password=SITE_PASSWORDS["S1"], tls_ca=pki.ca)
-    cloud.reader.wait_for(3, 30)
-    assert expected_ids([reading("S1", 3)]) & cloud.reader.distinct_ids() == set()
+    assert v5_publish(prd_broker.port, pki, "S1", SITE_PASSWORDS["S1"], reading("S2", 4)) == "Not authorized"
+
+
+def v5_publish(port: int, pki: Pki, user: str, password: str, message: Published) -> str:
+    """The broker's PUBACK reason code for one QoS 1 publish over MQTT 5."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user, protocol=mqtt.MQTTv5)
+    client.username_pw_set(user, password)
+    client.tls_set(ca_certs=str(pki.ca))
+    answers: list[str] = []
+    client.on_publish = lambda c, userdata, mid, reason, properties: answers.append(str(reason))
+    client.connect("localhost", port)
+    client.publish(message.topic, message.payload, qos=1)
+    deadline = time.monotonic() + 5
+    while not answers and time.monotonic() < deadline and client.loop(timeout=0.1) == mqtt.MQTT_ERR_SUCCESS:
+        pass
+    client.disconnect()
+    return answers[0] if answers else "no PUBACK"
+
+
+def connect_clean(port: int, pki: Pki, user: str, client_id: str, protocol: int) -> str:
+    """A site login that starts clean under the given client id: what the broker answered."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+    client.username_pw_set(user, SITE_PASSWORDS[user])
+    client.tls_set(ca_certs=str(pki.ca))
+    answers: list[str] = []
+    client.on_connect = lambda c, userdata, flags, reason, properties: answers.append(str(reason))
+    if protocol == mqtt.MQTTv5:
+        client.connect("localhost", port, clean_start=True)
+    else:
+        client.connect("localhost", port)  # MQTT 3.1.1: paho's client starts a clean session unless told
+    deadline = time.monotonic() + 5
+    while not answers and time.monotonic() < deadline and client.loop(timeout=0.1) == mqtt.MQTT_ERR_SUCCESS:
+        pass
+    client.disconnect()
+    return answers[0] if answers else "no CONNACK"
+
+
+def test_no_site_login_can_take_or_discard_the_bridges_session(
+    prd_broker: Broker, pki: Pki, cloud: Cloud, bridges: Callable[..., Bridge], tmp_path: Path
+) -> None:
+    bridge = start_prd_bridge(bridges, cloud, prd_broker, pki, tmp_path)
+    assert bridge.terminate() == 0  # its session stays with the broker, queuing
+    queued = readings(["S1"], 75)
+    publish(prd_broker.port, queued, username="S1", password=SITE_PASSWORDS["S1"], tls_ca=pki.ca)
+
+    # A copied configuration at another site: the bridge's client id (and its user name as an id), clean start.
+    for client_id in ("fmi-mqtt-bridge-prd", BRIDGE_USER):
+        for protocol in (mqtt.MQTTv5, mqtt.MQTTv311):
+            assert connect_clean(prd_broker.port, pki, "S2", client_id, protocol) == "Success"
+
+    bridge.start()
+    bridge.wait_ready()
+    assert cloud.reader.wait_for(len(queued), 60) == expected_ids(queued)
+    wait_until(lambda: bq_distinct_ids(cloud.bq, cloud.readings_table) == expected_ids(queued), 60, "all in BigQuery")
 
 
 def test_tls_under_load_keeps_one_connection_and_loses_nothing(
