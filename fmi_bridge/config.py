@@ -200,7 +200,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "MQTT_CLIENT_ID",
         "Client id of the persistent session; stable across restarts, unique per instance; "
-        "default `fmi-mqtt-bridge-<app_env>`.",
+        "default `fmi-mqtt-bridge-<app_env>`. The bundled PPRD/PRD broker uses the user name as the client id "
+        "instead, so there each instance needs its own MQTT_USERNAME.",
     ),
     Setting("MQTT_KEEPALIVE", "MQTT keep-alive, seconds (1 to 65535).", "30", _between(_int, 1, 65535)),
     Setting(
