@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: run test lint setup system-packages container-test container-packages clean
 
 ## run: Mosquitto and the subscriber under Supervisor, APP_ENV=LOCAL (events are logged, nothing leaves the machine)
-run: system-packages $(VENV)/.installed
+run: system-packages $(VENV)/.runtime
 	APP_ENV=$${APP_ENV:-LOCAL} $(PY) -m fmi_bridge.launch
 
 ## test: lint, the whole suite against real Mosquitto, Google's Pub/Sub emulator (the in-repo server for injected
@@ -45,9 +45,14 @@ system-packages:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
 	    mosquitto mosquitto-clients openssl ; }
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# The runtime alone for `make run`; the test and lint tools on top for everything else.
+$(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 

@@ -1,7 +1,8 @@
 """fmi-mqtt-bridge: MQTT sensor readings → validated KPI events → durable spool → Pub/Sub and BigQuery.
 
     python mqtt_subscriber.py                 run the bridge until SIGTERM
-    python mqtt_subscriber.py check-config    print the effective configuration (secrets masked); exit 0 or 2
+    python mqtt_subscriber.py check-config    print the effective configuration (secrets masked) and reach each
+                                              endpoint; exit 0, 1 (an endpoint does not answer) or 2 (a bad setting)
     python mqtt_subscriber.py provision       create the Pub/Sub topic, dataset and tables; safe to repeat
     python mqtt_subscriber.py status          what the spool holds per sink, and files moved aside; read only
     python mqtt_subscriber.py spool-import F  take the pending records of spool file F (bridge stopped); safe to repeat
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -60,9 +62,9 @@ EXIT_FAULT = 1
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] in (["--help"], ["-h"], ["help"]):
-        print(usage())
-        return 0
+    answered = help_or_unknown(args)
+    if answered is not None:
+        return answered
     try:
         options = command_line().parse_args(args or ["run"])
     except SystemExit as exc:  # argparse has printed the usage line and the problem on stderr
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 NEEDS_CLOUD = ("run", "check-config", "provision", "replay")
+COMMANDS = ("check-config", "provision", "status", "spool-import", "replay")
 
 
 def command_line() -> argparse.ArgumentParser:
@@ -136,14 +139,39 @@ def load_config(needs_cloud: bool) -> Config:
 
 
 def usage() -> str:
-    """The commands (this module's docstring) and every variable with its default, for --help."""
-    commands = __doc__.split("\n\n")[1] if __doc__ else ""
+    """The title, the commands (this module's docstring) and every variable with its default, for --help."""
+    title, commands = __doc__.split("\n\n")[:2] if __doc__ else ("", "")
     width = max(len(setting.name) for setting in SETTINGS)
     variables = "\n".join(
         f"    {setting.name:<{width}}  {setting.default if setting.default is not None else '-'}"
         for setting in SETTINGS
     )
-    return f"{commands}\n\nConfiguration, from the environment (README.md explains each):\n{variables}"
+    return (
+        f"{title}\n\nCommands (each reads APP_ENV and the variables below from the environment):\n{commands}\n\n"
+        f"Configuration, from the environment (README.md explains each):\n{variables}"
+    )
+
+
+def help_or_unknown(args: list[str]) -> int | None:
+    """--help, or one line for a command that does not exist; None for a command to run."""
+    if args[:1] in (["--help"], ["-h"], ["help"]):
+        return print_help()
+    if args and not args[0].startswith("-") and args[0] not in COMMANDS:
+        print(
+            f"mqtt_subscriber.py: unknown command {args[0]!r}; the commands are {', '.join(COMMANDS)}, and none "
+            "runs the bridge (--help lists them)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    return None
+
+
+def print_help() -> int:
+    try:
+        print(usage(), flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+    return 0
 
 
 def check_config(config: Config, options: argparse.Namespace) -> int:

@@ -447,19 +447,26 @@ class Config:
     def tls_enabled(self) -> bool:
         return self.mqtt_tls_ca is not None
 
+    def _why_enabled(self, emulator_variable: str, sink: str) -> str:
+        if self.app_env in CLOUD_ENVIRONMENTS:
+            return f"when APP_ENV={self.app_env} (it writes to Pub/Sub and BigQuery)"
+        return f"when {emulator_variable} is set (APP_ENV=LOCAL then writes to that {sink} emulator)"
+
     def _check_consistency(self) -> None:
         needed = []
         if self.pubsub_enabled:
-            needed += [("GCP_PROJECT_ID", self.gcp_project_id), ("PUBSUB_TOPIC", self.pubsub_topic)]
+            because = self._why_enabled("PUBSUB_EMULATOR_HOST", "Pub/Sub")
+            needed += [("GCP_PROJECT_ID", self.gcp_project_id, because), ("PUBSUB_TOPIC", self.pubsub_topic, because)]
         if self.bigquery_enabled:
+            because = self._why_enabled("BIGQUERY_EMULATOR_HOST", "BigQuery")
             needed += [
-                ("GCP_PROJECT_ID", self.gcp_project_id),
-                ("BIGQUERY_DATASET", self.bigquery_dataset),
-                ("BIGQUERY_TABLE", self.bigquery_table),
+                ("GCP_PROJECT_ID", self.gcp_project_id, because),
+                ("BIGQUERY_DATASET", self.bigquery_dataset, because),
+                ("BIGQUERY_TABLE", self.bigquery_table, because),
             ]
-        for name, value in needed:
+        for name, value, because in needed:
             if not value:
-                raise ConfigError(f"{name} is required when APP_ENV={self.app_env} writes to the cloud")
+                raise ConfigError(f"{name} is required {because}")
         if (self.mqtt_tls_cert is None) != (self.mqtt_tls_key is None):
             raise ConfigError("MQTT_TLS_CERT and MQTT_TLS_KEY must be set together")
         self._check_tls_files()

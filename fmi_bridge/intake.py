@@ -17,7 +17,8 @@ from fmi_bridge.inbox import Inbox
 from fmi_bridge.logs import RateLimiter
 from fmi_bridge.metrics import Metrics
 from fmi_bridge.readings import UNPROCESSABLE, Inbound, Reading, Reject, payload_text, validate
-from fmi_bridge.spool import READING, REJECT, Entry, Spool, SpoolError, SpoolFullError, entry
+from fmi_bridge.sinks import REJECT_LOG_MESSAGE
+from fmi_bridge.spool import READING, REJECT, Entry, Spool, SpoolDamagedError, SpoolError, SpoolFullError, entry
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class Intake:
             self.metrics.logs_suppressed.inc()
             return
         log.warning(
-            "message rejected",
+            REJECT_LOG_MESSAGE,
             extra={
                 "reason": reject.reason,
                 "detail": reject.detail,
@@ -114,6 +115,8 @@ class Intake:
         except SpoolFullError as exc:
             self._hold(str(exc), len(entries), logging.WARNING)
             return 0
+        except SpoolDamagedError:
+            raise  # holding for ever would look alive: the loop dies, the process exits and is restarted
         except SpoolError as exc:
             self._hold(str(exc), len(entries), logging.ERROR)
             return 0

@@ -1,23 +1,38 @@
-"""Container start: write this environment's Mosquitto configuration, then hand over to supervisord.
+"""Container start: check the subscriber's configuration, write this environment's Mosquitto configuration, then
+run supervisord and end with its outcome.
 
 python -m fmi_bridge.launch            (the image's CMD, and `make run`)
 python -m fmi_bridge.launch --render   only write the broker configuration and print its path
+
+Exit codes: 2 for a bad setting (one line naming it, before anything starts); 1 when a program could not be
+kept running (Supervisor gave up on it: FATAL); otherwise supervisord's own (0 after SIGTERM).
 """
 
 from __future__ import annotations
 
+import configparser
 import getpass
 import os
+import pwd
 import shutil
+import signal
+import stat
+import subprocess
 import sys
+import xmlrpc.client
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from supervisor.xmlrpc import SupervisorTransport
 
 from fmi_bridge.broker_conf import SECURED_ENVIRONMENTS, BrokerSecurity, acl_text, render
-from fmi_bridge.config import ENVIRONMENTS, Setting, listen_address
+from fmi_bridge.config import ENVIRONMENTS, Config, ConfigError, Setting, listen_address
 from fmi_bridge.secrets import SecretError, fetch_secrets
+from fmi_bridge.supervisor_watch import FATAL_MARKER
 
 APP_DIR = Path(__file__).resolve().parent.parent
+BROKER_USER = "mosquitto"  # Debian's package makes it: Mosquitto warns when it keeps root's rights
 
 # The broker side of the container, declared like the subscriber's settings (the README lists both).
 LAUNCH_SETTINGS: tuple[Setting, ...] = (
@@ -43,11 +58,33 @@ class LaunchError(ValueError):
     pass
 
 
-def _user() -> str:
+def _broker_user(data_dir: Path) -> str:
+    """Who Mosquitto runs as: the launching user, or when that is root, Debian's `mosquitto` user (given the
+    persistence folder), so the broker does not keep root's rights; root still where that user could not reach
+    the folder (a checkout under a private home)."""
+    if os.getuid() == 0:
+        try:
+            broker = pwd.getpwnam(BROKER_USER)
+        except KeyError:
+            return "root"
+        if not all(_traversable(folder, broker) for folder in data_dir.parents):
+            return "root"
+        for path in (data_dir, *data_dir.iterdir()):
+            os.chown(path, broker.pw_uid, broker.pw_gid)
+        return BROKER_USER
     try:
         return getpass.getuser()
     except (KeyError, OSError):  # an arbitrary uid with no passwd entry: mosquitto ignores `user` when not root
-        return "mosquitto"
+        return BROKER_USER
+
+
+def _traversable(folder: Path, user: pwd.struct_passwd) -> bool:
+    mode = folder.stat()
+    if mode.st_uid == user.pw_uid:
+        return bool(mode.st_mode & stat.S_IXUSR)
+    if mode.st_gid == user.pw_gid:
+        return bool(mode.st_mode & stat.S_IXGRP)
+    return bool(mode.st_mode & stat.S_IXOTH)
 
 
 def _file(environ: Mapping[str, str], name: str) -> Path:
@@ -94,7 +131,14 @@ def prepare(environ: dict[str, str]) -> Path:
     conf = run_dir / "mosquitto.conf"
     bind = environ.get("LISTEN_ADDRESS") or listen_address(app_env)
     conf.write_text(
-        render(app_env, port=int(port_text), data_dir=data_dir, run_as=_user(), security=security, bind_address=bind)
+        render(
+            app_env,
+            port=int(port_text),
+            data_dir=data_dir,
+            run_as=_broker_user(data_dir),
+            security=security,
+            bind_address=bind,
+        )
     )
     environ.setdefault("MQTT_PORT", port_text)
     environ["BRIDGE_RUN_DIR"] = str(run_dir)
@@ -107,7 +151,8 @@ def main(argv: list[str]) -> int:
     environ = dict(os.environ)
     try:
         conf = prepare(environ)
-    except LaunchError as exc:
+        Config.from_env(environ)  # the subscriber's own check, before anything starts
+    except (LaunchError, ConfigError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     if argv[1:] == ["--render"]:
@@ -117,7 +162,47 @@ def main(argv: list[str]) -> int:
     if supervisord is None:
         print("supervisord not found: pip install -r requirements.txt", file=sys.stderr)
         return 2
-    os.execve(supervisord, [supervisord, "-c", str(APP_DIR / "supervisord.conf")], environ)
+    return supervise(supervisord, environ, Path(environ["BRIDGE_RUN_DIR"]))
+
+
+def supervise(supervisord: str, environ: dict[str, str], run_dir: Path) -> int:
+    """supervisord as a child; 1 when it stopped because a program went FATAL (supervisord itself exits 0 then,
+    which would look like a clean stop to whatever runs the container)."""
+    marker = run_dir / FATAL_MARKER
+    marker.unlink(missing_ok=True)
+    conf = APP_DIR / "supervisord.conf"
+    command = [supervisord, "-c", str(conf)]
+    if os.getuid() == 0:
+        command += ["--user", "root"]  # said explicitly: supervisord warns (CRIT) when root is only implied
+    child = subprocess.Popen(command, env=environ)
+
+    def stop(received: int, frame: object) -> None:
+        # Asked over its socket, supervisord stops everything as for a signal, without a WARN line for a stop
+        # that is no fault; the signal itself is the fallback.
+        try:
+            _supervisor_rpc(conf, run_dir).supervisor.shutdown()
+        except (OSError, xmlrpc.client.Error):
+            child.send_signal(received)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    code = child.wait()
+    if marker.exists():
+        print(f"stopped: a program could not be kept running ({marker.read_text().strip()})", file=sys.stderr)
+        return 1
+    return code
+
+
+def _supervisor_rpc(conf: Path, run_dir: Path) -> Any:
+    """supervisord's XML-RPC interface on its unix socket, with supervisorctl's credentials from the conf."""
+    parser = configparser.RawConfigParser()
+    parser.read(conf)
+    transport = SupervisorTransport(
+        parser.get("supervisorctl", "username"),
+        parser.get("supervisorctl", "password"),
+        f"unix://{run_dir}/supervisor.sock",
+    )
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport)
 
 
 if __name__ == "__main__":

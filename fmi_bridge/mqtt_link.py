@@ -59,6 +59,7 @@ class MqttLink:
         self.reading = True  # cleared at shutdown: the broker keeps what was not read
         self.generation = 0
         self._closing = False
+        self._lost: str | None = None  # why the connection was lost, until the loop has said so
         self._acks: deque[Inbound] = deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -99,6 +100,9 @@ class MqttLink:
         """Until `stop`; then the acknowledgements handed over so far are sent and the session is left open."""
         while not stop.is_set():
             self.heartbeat = time.monotonic()
+            if not self.reading:  # the bridge is stopping: no new connection
+                stop.wait(0.1)
+                continue
             try:
                 self.client.connect(
                     self.config.mqtt_broker,
@@ -125,8 +129,18 @@ class MqttLink:
                     self._subscribe()
             if not stop.is_set():
                 stop.wait(self._backoff.next_delay())
+                self._report_lost_connection()
         self._close()
         self.heartbeat = time.monotonic()
+
+    def _report_lost_connection(self) -> None:
+        """Said after the reconnect wait, not at once: at a normal stop Supervisor stops the broker first and the
+        bridge a moment later, and a lost connection then is no fault (the bridge has begun stopping by now)."""
+        if self._lost is None:
+            return
+        level = logging.INFO if not self.reading else logging.WARNING
+        log.log(level, "disconnected from broker", extra={"reason": self._lost})
+        self._lost = None
 
     def _pump(self, timeout: float) -> int:
         """One turn of the network loop, as paho's loop(), with the acknowledgements handed over sent first."""
@@ -221,8 +235,10 @@ class MqttLink:
         self._subscribe_at = None  # the next connect subscribes anyway
         if was_connected:
             self.metrics.disconnects.inc()
-            level = logging.INFO if self._closing else logging.WARNING
-            log.log(level, "disconnected from broker", extra={"reason": str(reason)})
+            if self._closing:
+                log.info("disconnected from broker", extra={"reason": str(reason)})
+            else:
+                self._lost = str(reason)  # logged by the loop after its wait (see _report_lost_connection)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:

@@ -4,6 +4,7 @@ own retries, so one sink or table down never stops another."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 
@@ -11,7 +12,7 @@ from fmi_bridge.backoff import Backoff
 from fmi_bridge.logs import RateLimiter
 from fmi_bridge.metrics import Metrics
 from fmi_bridge.sinks import Sink, SinkUnavailableError, WriteResult
-from fmi_bridge.spool import Spool, SpoolError
+from fmi_bridge.spool import Spool, SpoolDamagedError, SpoolError, is_corrupt
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,17 @@ class Sender:
                 self._failed("NOT_FOUND")
                 self._warn("sink unavailable", str(exc), self.owed())
                 progressed = False
+            except SpoolDamagedError:
+                raise  # the loop dies and the process exits: the next start moves the file aside
             except SpoolError as exc:  # e.g. disk full: nothing was sent; the same step is tried again later
                 self._failed("SPOOL")
                 self._warn("cannot record the lane's progress in the spool", str(exc), self.owed())
+                progressed = False
+            except sqlite3.DatabaseError as exc:
+                if is_corrupt(exc):  # a read of the spool (a batch, a count) found it damaged
+                    raise SpoolDamagedError(f"spool read failed: {exc}") from exc
+                log.exception("sender round failed", extra={"sink": self.sink.lane})
+                self._failed("ERROR")
                 progressed = False
             except Exception:  # thread boundary: log, count, keep the loop alive
                 log.exception("sender round failed", extra={"sink": self.sink.lane})

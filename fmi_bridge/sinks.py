@@ -10,6 +10,10 @@ from fmi_bridge.spool import Record, Spool
 
 log = logging.getLogger(__name__)
 
+# Every reject is logged under this one message, by the intake (beside the cloud) or by the log sink (plain
+# LOCAL), so one grep finds them all.
+REJECT_LOG_MESSAGE = "message rejected"
+
 # One bit per sink in the spool's `pending` column.
 PUBSUB = 1
 BIGQUERY = 2
@@ -97,7 +101,7 @@ class LogSink:
                     "mqtt_topic",
                 )
             }
-            message = "reading" if record.kind == "reading" else "rejected message"
+            message = "reading" if record.kind == "reading" else REJECT_LOG_MESSAGE
             log.info(message, extra={k: v for k, v in context.items() if v is not None})
         return WriteResult(done=[record.id for record in records])
 

@@ -67,6 +67,17 @@ class SpoolError(Exception):
     """The spool cannot be used (unwritable folder, I/O error)."""
 
 
+class SpoolDamagedError(SpoolError):
+    """SQLite found the file damaged while running: nothing more can be trusted from it. The process exits for
+    Supervisor to restart it; the next start moves the file aside (spool-import can take what is readable)."""
+
+
+def spool_error(what: str, exc: sqlite3.Error) -> SpoolError:
+    """The SpoolError for a failed SQLite call: SpoolDamagedError when SQLite reports the file damaged."""
+    kind = SpoolDamagedError if is_corrupt(exc) else SpoolError
+    return kind(f"{what}: {_describe(exc)}")
+
+
 class SpoolFullError(SpoolError):
     """No room for more records; the caller must hold its messages and try again later."""
 
@@ -320,7 +331,7 @@ class Spool:
         except sqlite3.Error as exc:
             if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
                 raise SpoolFullError(f"disk full: {exc}") from exc
-            raise SpoolError(f"spool write failed: {_describe(exc)}") from exc
+            raise spool_error("spool write failed", exc) from exc
         self._count(len(rows), sum(row[3] for row in rows), _owed_by_rows((row[4], row[3]) for row in rows))
         return len(rows)
 
@@ -445,11 +456,11 @@ class Spool:
             self._settle(bit, ids, rejects)
         except sqlite3.Error as exc:
             if not (exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL and self._give_back_reserve()):
-                raise SpoolError(f"settle failed: {_describe(exc)}") from exc
+                raise spool_error("settle failed", exc) from exc
             try:
                 self._settle(bit, ids, rejects)
             except sqlite3.Error as again:
-                raise SpoolError(f"settle failed: {_describe(again)}") from again
+                raise spool_error("settle failed", again) from again
 
     def _settle(self, bit: int, ids: list[int], rejects: list[tuple[str, str | None, str, int, int, float]]) -> None:
         conn = self._connection()
@@ -497,7 +508,7 @@ class Spool:
             with self._transaction(conn):
                 yield conn
         except sqlite3.Error as exc:
-            raise SpoolError(f"{what} failed: {_describe(exc)}") from exc
+            raise spool_error(f"{what} failed", exc) from exc
 
     # -- write-stream offsets (exactly-once into BigQuery) -----------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from fmi_bridge.config import SETTINGS, Config, ConfigError, markdown_table
 from fmi_bridge.launch import LAUNCH_SETTINGS
+from mqtt_subscriber import COMMANDS
 from tests.test_security import make_pki
 from tools.readme_tables import render
 
@@ -65,7 +67,7 @@ def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         ({"APP_ENV": "LOCAL", "MQTT_KEEPALIVE": "70000"}, "MQTT_KEEPALIVE", "from 1 to 65535"),
         ({"APP_ENV": "LOCAL", "PUBSUB_EMULATOR_HOST": "localhost"}, "PUBSUB_EMULATOR_HOST", "host:port"),
         ({"APP_ENV": "LOCAL", "BIGQUERY_EMULATOR_HOST": "127.0.0.1:9050"}, "BIGQUERY_EMULATOR_HOST", "http://"),
-        ({"APP_ENV": "LOCAL", "PUBSUB_EMULATOR_HOST": "127.0.0.1:1"}, "GCP_PROJECT_ID", "required"),
+        ({"APP_ENV": "LOCAL", "PUBSUB_EMULATOR_HOST": "127.0.0.1:1"}, "GCP_PROJECT_ID", "PUBSUB_EMULATOR_HOST is set"),
         ({"APP_ENV": "LOCAL", "MQTT_TLS_CA": "/nonexistent/ca.pem"}, "MQTT_TLS_CA", "does not exist"),
         ({"APP_ENV": "PRD", **CLOUD}, "MQTT_TLS_CA", "TLS"),
     ],
@@ -186,11 +188,6 @@ def test_local_sinks_follow_the_emulator_hosts() -> None:
     assert Config.from_env({"APP_ENV": "DEV", **CLOUD}).bigquery_enabled
 
 
-def test_unknown_command_is_a_usage_error() -> None:
-    result = run({"APP_ENV": "LOCAL"}, "frobnicate")
-    assert result.returncode == 2 and "usage" in result.stderr
-
-
 def test_readme_lists_every_variable_as_declared() -> None:
     readme = (ROOT / "README.md").read_text()
     assert markdown_table(SETTINGS) in readme
@@ -256,3 +253,47 @@ def test_help_lists_the_commands_and_every_variable() -> None:
         assert command in result.stdout
     for setting in SETTINGS:
         assert setting.name in result.stdout
+
+
+def test_help_opens_with_a_title_and_survives_a_closed_pipe() -> None:
+    assert run({}, "--help").stdout.splitlines()[0].startswith("fmi-mqtt-bridge: ")
+    reader, writer = os.pipe()
+    os.close(reader)  # as `--help | head -2` once head has its lines: every write meets a closed pipe
+    try:
+        result = subprocess.run(
+            [sys.executable, "mqtt_subscriber.py", "--help"],
+            cwd=ROOT,
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(writer)
+    assert result.returncode == 0
+    assert result.stderr == ""  # no BrokenPipeError traceback
+
+
+def test_an_unknown_command_is_one_line_naming_the_commands() -> None:
+    result = run({}, "bogus")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "mqtt_subscriber.py: unknown command 'bogus'; the commands are check-config, provision, status, "
+        "spool-import, replay, and none runs the bridge (--help lists them)"
+    ]
+    assert "run" not in result.stderr.split(";")[1].split(",")  # no hidden command offered
+
+
+def test_help_and_the_readme_name_the_same_commands_and_exit_codes() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Commands", 1)[1].split("\n## ", 1)[0]
+    assert table.count("| Command | What it does |") == 1
+    in_readme = set(re.findall(r"\| `\.venv/bin/python mqtt_subscriber\.py ([a-z-]+)", table))
+    assert in_readme == set(COMMANDS)
+    help_text = run({}, "--help").stdout
+    assert set(re.findall(r"python mqtt_subscriber\.py ([a-z-]+)", help_text)) == set(COMMANDS)
+    assert "exit 0, 1 (an endpoint does not answer) or 2 (a bad setting)" in " ".join(help_text.split())
+    check_readme = table.split("mqtt_subscriber.py check-config`", 1)[1].split("\n", 1)[0]
+    assert "Exit 0; 2 with one line naming the variable" in check_readme
+    assert "1 with one line naming each endpoint that does not answer" in check_readme

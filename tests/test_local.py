@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -70,6 +71,7 @@ def test_local_logs_each_event_and_makes_no_cloud_call(
     wait_until(lambda: logged_ids() == expected_ids(messages), 30, "every reading in the log")
     rejected = wait_until(lambda: [line for line in bridge.output().splitlines() if "bad_json" in line], 10, "reject")
     assert len(rejected) == 1  # logged once: by the log sink, LOCAL's rejects table
+    assert json.loads(rejected[0])["message"] == "message rejected"  # as the intake logs one beside the cloud
     assert trap.connections == 0
     assert bridge.metric("fmi_bridge_sink_sent_total", 'sink="log"') == len(messages) + 1  # and the reject
     assert bridge.metric("fmi_bridge_sink_sent_total", 'sink="pubsub"') == 0

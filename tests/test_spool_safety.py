@@ -190,3 +190,32 @@ def test_status_reads_beside_a_running_bridge_and_import_takes_a_moved_aside_spo
 
     refused = command(env, "spool-import", str(old / "spool.db"))
     assert refused.returncode == 1 and "in use by another process" in refused.stderr
+
+
+def test_a_spool_damaged_while_running_stops_the_bridge_and_the_next_start_moves_it_aside(
+    broker: Broker, cloud: Cloud, faults: Faults, bridges: Callable[..., Bridge], tmp_path: Path
+) -> None:
+    faults.unavailable = True  # a backlog the Pub/Sub lanes keep reading
+    bridge = start_bridge(bridges, cloud, broker)
+    backlog = readings(["MOR", "BAG"], 2000)
+    publish(broker.port, backlog)
+    wait_until(lambda: bridge.metric("fmi_bridge_sink_owed_records", 'sink="pubsub"') == len(backlog), 30, "spooled")
+
+    spool_file = tmp_path / "spool" / "spool.db"
+    with sqlite3.connect(spool_file) as outside:  # every page into the main file, then damage them all but the first
+        outside.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with spool_file.open("r+b") as damaged:
+        damaged.seek(4096)
+        damaged.write(b"\xa5" * (spool_file.stat().st_size - 4096))
+
+    assert bridge.process is not None
+    assert bridge.process.wait(60) == 1  # exits for Supervisor to restart it, instead of holding for ever
+    assert any("SQLITE_CORRUPT" in json.dumps(e) for e in bridge.log_entries())
+
+    bridge.start()
+    bridge.wait_ready()
+    assert list((tmp_path / "spool").glob("spool.db.corrupt-*")), "the damaged file is kept aside"
+    faults.unavailable = False
+    late = readings(["MOR"], 10, start=5000)
+    publish(broker.port, late)
+    wait_until(lambda: cloud.reader.pull() >= 0 and expected_ids(late) <= cloud.reader.distinct_ids(), 60, "new flow")

@@ -161,7 +161,12 @@ class Rig:
     def parts(self, bridge: Bridge) -> dict[str, int]:
         """The processes that share the machine's cores during a measurement."""
         assert bridge.process is not None and self.bigquery.process is not None
-        return {"bridge": bridge.process.pid, "Pub/Sub": self.pubsub_pid, "bqemulator": self.bigquery.process.pid}
+        return {
+            "bridge": bridge.process.pid,
+            "Pub/Sub": self.pubsub_pid,
+            "bqemulator": self.bigquery.process.pid,
+            "this script (conformance layer, readers)": os.getpid(),
+        }
 
 
 @contextmanager

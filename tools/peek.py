@@ -16,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from google.api_core.exceptions import DeadlineExceeded
+
 from fmi_bridge import cloud
 from fmi_bridge.config import Config, ConfigError
 
@@ -25,7 +27,16 @@ def pull(config: Config, name: str, wait: float) -> int:
     path = f"projects/{config.gcp_project_id}/subscriptions/{name}"
     deadline, pulled = time.monotonic() + wait, 0
     while True:
-        response = subscriber.pull(request={"subscription": path, "max_messages": 100}, timeout=10)
+        # Up to --wait for the first message; once some came, a short pull says whether more are there.
+        timeout = 1.0 if pulled else max(0.1, min(10.0, deadline - time.monotonic()))
+        try:
+            response = subscriber.pull(request={"subscription": path, "max_messages": 100}, timeout=timeout)
+        except DeadlineExceeded:
+            response = None
+        if response is None or not response.received_messages:
+            if pulled or time.monotonic() > deadline:
+                break
+            continue
         for received in response.received_messages:
             message = received.message
             attributes = dict(message.attributes)
@@ -34,12 +45,9 @@ def pull(config: Config, name: str, wait: float) -> int:
                     {"ordering_key": message.ordering_key, "attributes": attributes, "data": json.loads(message.data)}
                 )
             )
-        if response.received_messages:
-            ack_ids = [received.ack_id for received in response.received_messages]
-            subscriber.acknowledge(request={"subscription": path, "ack_ids": ack_ids})
-            pulled += len(ack_ids)
-        elif pulled or time.monotonic() > deadline:
-            break
+        ack_ids = [received.ack_id for received in response.received_messages]
+        subscriber.acknowledge(request={"subscription": path, "ack_ids": ack_ids})
+        pulled += len(ack_ids)
     print(f"{pulled} message(s) from {path}", file=sys.stderr)
     return 0 if pulled else 1
 
