@@ -149,13 +149,15 @@ def prepare(environ: dict[str, str]) -> Path:
 
 def main(argv: list[str]) -> int:
     environ = dict(os.environ)
+    render_only = argv[1:] == ["--render"]
     try:
         conf = prepare(environ)
-        Config.from_env(environ)  # the subscriber's own check, before anything starts
+        if not render_only:
+            Config.from_env(environ)  # the subscriber's own check, before anything starts
     except (LaunchError, ConfigError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    if argv[1:] == ["--render"]:
+    if render_only:
         print(conf)
         return 0
     supervisord = shutil.which("supervisord", path=f"{Path(sys.executable).parent}:{environ.get('PATH', '')}")

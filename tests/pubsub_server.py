@@ -1,7 +1,8 @@
 """A small Pub/Sub server for tests: the Publisher and Subscriber gRPC services on the message types that
 google-cloud-pubsub ships, reached by the real client through PUBSUB_EMULATOR_HOST.
 
-It keeps topics and subscriptions in memory, delivers in publish order, and injects faults on Publish:
+It keeps topics and subscriptions in memory, delivers in publish order on an ordered subscription (and in no
+promised order on another: each pull's batch reversed), and injects faults on Publish:
 UNAVAILABLE for a while, added latency, or a chosen code (INVALID_ARGUMENT unless told) for requests a
 predicate picks.
 
@@ -50,6 +51,7 @@ class Faults:
 @dataclass
 class _Subscription:
     topic: str
+    ordered: bool = False  # enable_message_ordering: publish order per key; without it, no order is promised
     queue: deque[Any] = field(default_factory=deque)
     outstanding: dict[str, Any] = field(default_factory=dict)
 
@@ -116,7 +118,7 @@ class PubSubState:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"Subscription already exists: {request.name}")
             if request.topic not in self.topics:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"Topic not found: {request.topic}")
-            self.subscriptions[request.name] = _Subscription(request.topic)
+            self.subscriptions[request.name] = _Subscription(request.topic, request.enable_message_ordering)
         return request
 
     def get_subscription(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -124,7 +126,7 @@ class PubSubState:
             sub = self.subscriptions.get(request.subscription)
             if sub is None:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"Subscription not found: {request.subscription}")
-        return Subscription(name=request.subscription, topic=sub.topic)
+        return Subscription(name=request.subscription, topic=sub.topic, enable_message_ordering=sub.ordered)
 
     def pull(self, request: Any, context: grpc.ServicerContext) -> Any:
         deadline = time.monotonic() + 1.0
@@ -140,6 +142,8 @@ class PubSubState:
                 ack_id = f"ack-{next(self._ids)}"
                 sub.outstanding[ack_id] = message
                 received.append(ReceivedMessage(ack_id=ack_id, message=message, delivery_attempt=1))
+        if not sub.ordered:
+            received.reverse()  # as the service may: only an ordered subscription keeps a key's order
         return PullResponse(received_messages=received)
 
     def acknowledge(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -159,7 +159,7 @@ def test_the_image_in_prd_takes_only_authenticated_tls_and_writes_to_the_emulato
 
     wait_until(lambda: http_get(http, "/readiness_check")[0] == 200, 90, "readiness 200 in PRD")
     anonymous = mosquitto_pub(mqtt, "FCTS/FAE/S1/SolvExtract/T", READING, "--cafile", str(pki.ca), "-h", "localhost")
-    assert anonymous.returncode != 0
+    assert anonymous.returncode != 0 and b"not authori" in anonymous.stderr.lower()  # refused for no login
     good = reading("S1", 1)
     publish(mqtt, [good], username="S1", password=SITE_PASSWORDS["S1"], tls_ca=pki.ca)
 

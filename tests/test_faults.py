@@ -208,7 +208,9 @@ def test_broker_unreachable_at_start(tmp_path: Path, cloud: Cloud, bridges: Call
     retries = [e for e in bridge.log_entries() if e.get("message") == "broker unreachable; trying again"]
     assert len(retries) >= 2
     delays = [e["retry_in_seconds"] for e in retries]
-    assert len(set(delays)) == len(delays)  # jittered, not a fixed interval
+    steps = [min(60.0, 2.0**attempt) for attempt in range(len(delays))]  # 1 s doubling to 60 s
+    assert all(step / 2 - 0.01 <= delay <= step + 0.01 for delay, step in zip(delays, steps, strict=True))
+    assert any(delay < step * 0.98 for delay, step in zip(delays, steps, strict=True))  # jittered below the step
 
     broker.start()
     try:

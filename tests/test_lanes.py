@@ -7,10 +7,12 @@ import json
 import socket
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 
 import pytest
 from google.cloud import bigquery as bq
 
+from fmi_bridge.health import REQUEST_TIMEOUT_SECONDS
 from fmi_bridge.provision import table_resource
 from tests.bigquery_proxy import BigQueryProxy
 from tests.conftest import Cloud, start_bridge
@@ -107,8 +109,11 @@ def test_the_outage_budget_is_visible_in_metrics_and_in_the_stats_line(
     assert warning["sink"] == "pubsub" and warning["owed_records"] == len(messages)
     assert warning["severity"] == "WARNING" and warning["oldest_age_seconds"] > 2
     assert bridge.metric("fmi_bridge_sink_oldest_owed_age_seconds", 'sink="pubsub"') > 2
-    time.sleep(1.5)  # a stats line written after BigQuery finished
-    stats = [e for e in bridge.log_entries() if e.get("message") == "stats"][-1]
+    stats = wait_until(  # a stats line written after BigQuery finished
+        lambda: [e for e in bridge.log_entries() if e.get("message") == "stats" and e["sent"]["bigquery"]][-1:],
+        10,
+        "a stats line with BigQuery done",
+    )[0]
     assert stats["owed_records"] == {"pubsub": len(messages), "bigquery": 0}
     assert stats["received"] == stats["accepted"] == len(messages) and stats["rejected"] == 0
     assert stats["sent"]["bigquery"] == len(messages) and stats["sent"]["pubsub"] == 0
@@ -128,7 +133,9 @@ def test_the_outage_budget_is_visible_in_metrics_and_in_the_stats_line(
 def test_time_to_full_follows_the_intake_rate(
     broker: Broker, cloud: Cloud, faults: Faults, bridges: Callable[..., Bridge]
 ) -> None:
+    asked = time.monotonic()
     bridge = start_bridge(bridges, cloud, broker, STATS_LOG_SECONDS="1", SPOOL_MAX_BYTES=str(64 * 1024**2))
+    ready = time.monotonic()
     faults.unavailable = True
     assert bridge.metric("fmi_bridge_spool_seconds_to_full") == float("inf")  # nothing comes in yet
     for start in range(0, 1200, 200):
@@ -142,9 +149,14 @@ def test_time_to_full_follows_the_intake_rate(
         20,
         "a finite time to full",
     )
-    rate = bridge.metric("fmi_bridge_spooled_bytes_total") / 6  # about what came in each second
-    expected = (64 * 1024**2 - bridge.metric("fmi_bridge_spool_bytes")) / rate
-    assert expected / 4 < left < expected * 4  # the same order: a rate over the last minute, not a guess
+    # The bridge's rate is what it spooled since it started (under a minute ago) over that time: bound that time
+    # by when the test asked it to start and when it was ready, and the answer lies between the two.
+    now = time.monotonic()
+    room = 64 * 1024**2 - bridge.metric("fmi_bridge_spool_bytes")
+    spooled = bridge.metric("fmi_bridge_spooled_bytes_total")
+    left = bridge.metric("fmi_bridge_spool_seconds_to_full")
+    shortest, longest = room * (now - ready) / spooled, room * (now - asked) / spooled
+    assert shortest * 0.7 < left < longest * 1.3, (shortest, left, longest)  # 1 s sampling at each end of ~10 s
 
 
 @pytest.fixture
@@ -169,10 +181,14 @@ def test_an_idle_connection_never_delays_a_probe(
     half = idle_client(bridge.port)
     half.sendall(b"GET /liveness_check HTTP/1.1\r\nHost: x\r\n")  # and one that stops mid-request
 
+    took = []
     for _ in range(10):
         started = time.monotonic()
         assert bridge.status("/liveness_check") == (200, "ok\n")
-        assert time.monotonic() - started < 0.5
+        took.append(time.monotonic() - started)
+    # A probe held behind an idle client would wait out its 5 s socket timeout; 2.5 s is the margin for a loaded
+    # machine, half of that.
+    assert max(took) < REQUEST_TIMEOUT_SECONDS / 2, took
     assert bridge.status("/readiness_check")[0] == 200
 
 
@@ -195,6 +211,7 @@ def test_large_payloads_stay_under_the_request_limit(
     publish(broker.port, big)
 
     wait_until(lambda: bq_distinct_ids(cloud.bq, cloud.readings_table) == expected_ids(big), 90, "every large row")
+    assert cloud.reader.wait_for(len(big), 90) == expected_ids(big)  # and every one in Pub/Sub
     assert bigquery_proxy.faults.too_large == 0  # no request ever passed 10 MB...
     assert bigquery_proxy.faults.insert_calls < 20  # ...and none went row by row
     assert bigquery_proxy.faults.largest_request > 5_000_000  # while batches stayed large
@@ -265,9 +282,42 @@ def test_the_whole_stop_fits_its_deadline(
     wait_until(lambda: bridge.metric("fmi_bridge_messages_received_total") == 4000, 30, "intake")
 
     started = time.monotonic()
-    assert bridge.terminate(timeout=30) == 0
+    assert bridge.terminate(timeout=60) == 0
     took = time.monotonic() - started
 
-    assert took < 6 + 1.5, took  # the deadline, plus the interpreter's exit
-    stopped = [e for e in bridge.log_entries() if e.get("message") == "stopped"][-1]
+    # The bridge's own stop sequence keeps SHUTDOWN_FLUSH_SECONDS (6 here), read from its own log clock (0.5 s
+    # margin for the last log line); the whole exit stays inside what Supervisor waits (stopwaitsecs=28).
+    entries = bridge.log_entries()
+    stopping = next(e for e in entries if e.get("message", "").startswith("stopping"))
+    stopped = [e for e in entries if e.get("message") == "stopped"][-1]
+    sequence = datetime.fromisoformat(stopped["time"]) - datetime.fromisoformat(stopping["time"])
+    assert sequence.total_seconds() < 6 + 0.5, sequence
+    assert took < 28, took
     assert stopped["records_kept_in_spool"] > 0
+
+
+def test_a_reject_row_bigquery_refuses_is_logged_in_full_and_let_go(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], bigquery_proxy: BigQueryProxy
+) -> None:
+    """A dead letter cannot be dead-lettered again: its row goes to the log whole, and the rejects lane moves on."""
+    strict = table_resource(cloud.config, "strict_rejects", "bigquery_rejects.json")
+    for column in strict["schema"]["fields"]:
+        if column["name"] == "reason":
+            column["type"] = "INT64"  # no reason code is a number: BigQuery calls every reject row invalid
+    cloud.bq.create_table(bq.Table.from_api_repr(strict))
+    bridge = start_bridge(
+        bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url, BIGQUERY_REJECTS_TABLE="strict_rejects"
+    )
+    bad = Published("FCTS/FAE/MOR/SolvExtract/TAG1", b"not json")
+    good = readings(SITES, 5)
+
+    publish(broker.port, [bad, *good])
+
+    logged = wait_until(
+        lambda: [e for e in bridge.log_entries() if e.get("severity") == "ERROR" and "not json" in json.dumps(e)],
+        60,
+        "the refused reject row in the log",
+    )
+    assert "bad_json" in json.dumps(logged[0])  # the whole row: reason, payload, detail
+    wait_until(lambda: bridge.metric("fmi_bridge_spool_records") == 0, 30, "nothing left owed: let go")
+    assert bq_distinct_ids(cloud.bq, cloud.readings_table) == expected_ids(good)

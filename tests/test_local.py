@@ -10,7 +10,17 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.support import Bridge, Broker, Published, expected_ids, publish, readings, wait_until
+from tests.support import (
+    LOCAL_ONLY,
+    Bridge,
+    Broker,
+    Published,
+    expected_ids,
+    listening_on,
+    publish,
+    readings,
+    wait_until,
+)
 
 
 class ConnectionTrap:
@@ -75,3 +85,10 @@ def test_local_logs_each_event_and_makes_no_cloud_call(
     assert trap.connections == 0
     assert bridge.metric("fmi_bridge_sink_sent_total", 'sink="log"') == len(messages) + 1  # and the reject
     assert bridge.metric("fmi_bridge_sink_sent_total", 'sink="pubsub"') == 0
+
+
+def test_listen_address_overrides_where_the_health_port_listens(broker: Broker, bridges: Callable[..., Bridge]) -> None:
+    local = bridges({**LOCAL_ONLY, "MQTT_PORT": str(broker.port), "LISTEN_ADDRESS": "0.0.0.0"}).start()
+    local.wait_ready()
+    assert listening_on(local.port) == {"0.0.0.0"}  # every interface, as asked (LOCAL's own default: 127.0.0.1)
+    assert listening_on(local.metrics_port) == {"127.0.0.1"}  # /metrics stays on loopback whatever is asked

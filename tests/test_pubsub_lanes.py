@@ -152,3 +152,20 @@ def test_a_site_backlog_drains_within_its_throughput_budget_and_no_other_site_wa
     total = sum(size for _, size in layer.key_history["BIG"])
     assert arrivals[-1] - arrivals[0] >= total / budget - 1.5  # paced: it took the time the budget asks
     assert max(t for t, _ in layer.key_history["SMALL"]) < arrivals[-1] - 3  # SMALL did not wait behind BIG
+
+
+def test_a_request_that_lands_but_whose_answer_is_late_is_sent_again_never_reordered(
+    broker: Broker, cloud: Cloud, faults: Faults, bridges: Callable[..., Bridge]
+) -> None:
+    """The server stores the request, then answers after the bridge gave up waiting: the bridge sends it again.
+    Duplicates, never a reordering of first deliveries (docs/reliability.md)."""
+    faults.latency_seconds = 2.0  # longer than the request's deadline below: every answer comes too late
+    start_bridge(bridges, cloud, broker, PUBSUB_LANES="1", SINK_TIMEOUT_SECONDS="1")
+    messages = readings(["A", "B"], 50)
+    publish(broker.port, messages)
+    wait_until(lambda: faults.publish_calls >= 4, 30, "requests sent and sent again")
+
+    faults.latency_seconds = 0.0
+    assert_delivered(cloud, messages)
+    cloud.reader.pull()
+    assert len(cloud.reader.messages) > len(messages)  # some landed twice: the late answers were not lost data

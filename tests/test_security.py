@@ -340,3 +340,42 @@ def test_launcher_refuses_prd_without_broker_secrets(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "MOSQUITTO_PASSWORD_FILE is required when APP_ENV=PRD" in result.stderr
+
+
+def test_mutual_tls_the_bridge_presents_its_certificate(
+    pki: Pki, cloud: Cloud, bridges: Callable[..., Bridge], tmp_path: Path
+) -> None:
+    """MQTT_TLS_CERT and MQTT_TLS_KEY: against a broker that requires a client certificate, the bridge gets in
+    with one signed by the broker's CA, and a client without one does not."""
+    keys = tmp_path / "client"
+    keys.mkdir()
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "bridge.key", "-out", "bridge.csr", "-subj",
+            "/CN=fmi-bridge", cwd=keys)  # fmt: skip
+    openssl("x509", "-req", "-in", "bridge.csr", "-CA", str(pki.ca), "-CAkey", str(pki.ca.parent / "ca.key"),
+            "-CAcreateserial", "-out", "bridge.pem", "-days", "2", cwd=keys)  # fmt: skip
+    security = BrokerSecurity(
+        password_file=pki.passwords, acl_file=pki.acl, tls_cert=pki.cert, tls_key=pki.key, tls_ca=pki.ca
+    )
+    broker = Broker(tmp_path / "broker", app_env="PRD", security=security)
+    broker.conf.write_text(broker.conf.read_text().replace("require_certificate false", "require_certificate true"))
+    broker.start()
+    try:
+        assert connack(broker.port, BRIDGE_USER, BRIDGE_PASSWORD, tls_ca=pki.ca) != "Success"  # no certificate
+        password_file = tmp_path / "bridge-password"
+        password_file.write_text(BRIDGE_PASSWORD)
+        env = {
+            **cloud.env,
+            "APP_ENV": "PRD",
+            "MQTT_BROKER": "localhost",
+            "MQTT_PORT": str(broker.port),
+            "MQTT_TLS_CA": str(pki.ca),
+            "MQTT_TLS_CERT": str(keys / "bridge.pem"),
+            "MQTT_TLS_KEY": str(keys / "bridge.key"),
+            "MQTT_USERNAME": BRIDGE_USER,
+            "MQTT_PASSWORD_FILE": str(password_file),
+        }
+        bridge = bridges(env).start()
+        bridge.wait_ready()
+        assert bridge.metric("fmi_bridge_mqtt_connects_total") == 1
+    finally:
+        broker.kill()

@@ -132,9 +132,12 @@ def test_a_full_disk_at_start_never_moves_a_good_spool_aside(
         filler = fill(disk)
 
         bridge = bridges(local_env(broker, spool)).start()
-        wait_until(lambda: not bridge.alive() or bridge.status("/liveness_check")[0] == 200, 30, "start or exit")
+        assert bridge.process is not None
+        assert bridge.process.wait(30) == 1  # the documented exit: restarted by Supervisor, not run half-working
+        errors = [e for e in bridge.log_entries() if e.get("severity") == "ERROR"]
+        assert [e["message"] for e in errors] == ["cannot open the spool; nothing was changed, exiting to be restarted"]
+        assert "SQLITE_FULL" in errors[0]["error"] or "disk" in errors[0]["error"]
         assert not list(spool.glob("*.corrupt-*"))
-        bridge.stop()
 
         filler.unlink()
         bridge.start()
@@ -159,6 +162,10 @@ def test_a_disk_that_fills_while_sending_sends_nothing_twice(
         wait_until(lambda: bridge.metric("fmi_bridge_spool_records") == 0, 30, "the spool settled on a full disk")
         cloud.reader.pull()
         assert len(cloud.reader.messages) == len(messages)  # each sent once: confirmations were not lost
+        # The fault did happen: the disk refused, and the reserve was given back so the settles could commit.
+        gave_back = [e for e in bridge.log_entries() if e.get("message", "").startswith("disk is full: gave back")]
+        assert len(gave_back) == 1
+        assert not (disk / "spool" / "spool.db.reserve").exists()
         filler.unlink()
 
 
@@ -219,3 +226,23 @@ def test_a_spool_damaged_while_running_stops_the_bridge_and_the_next_start_moves
     late = readings(["MOR"], 10, start=5000)
     publish(broker.port, late)
     wait_until(lambda: cloud.reader.pull() >= 0 and expected_ids(late) <= cloud.reader.distinct_ids(), 60, "new flow")
+
+
+def test_an_import_goes_ahead_of_what_the_spool_holds_and_never_past_its_limit(
+    broker: Broker, bridges: Callable[..., Bridge], tmp_path: Path
+) -> None:
+    old, live = tmp_path / "old", tmp_path / "spool"
+    spooled_readings(old, 20)  # made first: older records
+    spooled_readings(live, 20)
+    env = {**local_env(broker, live), "PATH": "/usr/bin:/bin"}
+
+    big = tmp_path / "big"
+    spooled_readings(big, 3000)  # about 1.2 MB of records
+    refused = command({**env, "SPOOL_MAX_BYTES": str(1024**2)}, "spool-import", str(big / "spool.db"))
+    assert refused.returncode == 1 and "SPOOL_MAX_BYTES" in refused.stderr
+    assert json.loads(command(env, "status").stdout)["records"] == 20  # nothing of it was taken
+
+    assert command(env, "spool-import", str(old / "spool.db")).returncode == 0
+    with sqlite3.connect(live / "spool.db") as conn:
+        order = [row[0] for row in conn.execute("SELECT created_at FROM records ORDER BY id")]
+    assert order[:20] == sorted(order[:20]) and max(order[:20]) < min(order[20:])  # the older spool's first
