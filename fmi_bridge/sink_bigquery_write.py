@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +75,19 @@ class RowEncoder:
             value = row.get(name)
             if value is None:
                 continue
-            values[name] = _micros(value) if name in self._timestamps else value
+            values[name] = micros(value) if name in self._timestamps else value
         return bytes(self._message(**values).SerializeToString())
 
 
-def _micros(text: str) -> int:
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return int(moment.timestamp()) * 1_000_000 + moment.microsecond
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def micros(text: str) -> int:
+    """Microseconds since the epoch, as the Write API's TIMESTAMP takes them: integer arithmetic, exact over
+    BigQuery's whole range (timestamp() is a float: it put a pre-1970 fraction a second late, and rounded
+    9999-12-31T23:59:59.999999 past the range)."""
+    delta = datetime.fromisoformat(text.replace("Z", "+00:00")) - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 class StorageWriteSink:
