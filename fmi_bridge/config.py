@@ -188,6 +188,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PUBSUB_TOPIC", "Pub/Sub topic id for KPI events (required outside LOCAL)."),
     Setting("BIGQUERY_DATASET", "BigQuery dataset id (required outside LOCAL)."),
     Setting("BIGQUERY_TABLE", "BigQuery table id for valid readings (required outside LOCAL)."),
+    Setting(
+        "BIGQUERY_LOCATION",
+        "Where `provision` creates the dataset (e.g. `EU`, `europe-west1`, `US`) and where query jobs run; a "
+        "dataset's location cannot be changed later, so provision names a mismatch.",
+        "US",
+    ),
     Setting("BIGQUERY_REJECTS_TABLE", "BigQuery table id for rejected messages; default `<BIGQUERY_TABLE>_rejected`."),
     Setting("MQTT_BROKER", "MQTT broker host name.", "localhost"),
     Setting("MQTT_PORT", "MQTT broker port (8883 is usual with TLS).", "1883", _port),
@@ -360,6 +366,7 @@ class Config:
     bigquery_dataset: str | None
     bigquery_table: str | None
     bigquery_rejects_table: str | None
+    bigquery_location: str
     mqtt_broker: str
     mqtt_port: int
     mqtt_topic: tuple[str, ...]

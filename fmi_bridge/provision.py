@@ -109,8 +109,14 @@ def _provision_bigquery(config: Config, bigquery: Any) -> list[str]:
     wait = config.setup_timeout_seconds  # an endpoint that does not answer in this long is reported, not waited for
     limits = {"retry": DEFAULT_RETRY.with_deadline(wait), "timeout": wait}
     dataset = Dataset(f"{config.gcp_project_id}.{config.bigquery_dataset}")
-    bigquery.create_dataset(dataset, exists_ok=True, **limits)
-    done = [f"dataset {config.bigquery_dataset} ready"]
+    dataset.location = config.bigquery_location  # BigQuery's default is US, and it is fixed once created
+    made = bigquery.create_dataset(dataset, exists_ok=True, **limits)
+    if (made.location or "").lower() != config.bigquery_location.lower():
+        raise ProvisionError(
+            f"dataset {config.bigquery_dataset} is in {made.location}, but BIGQUERY_LOCATION={config.bigquery_location}"
+            ": a dataset's location cannot be changed; set BIGQUERY_LOCATION to match, or choose another dataset"
+        )
+    done = [f"dataset {config.bigquery_dataset} ready in {made.location}"]
     for table, schema_file in (
         (config.bigquery_table, "bigquery_readings.json"),
         (config.bigquery_rejects_table, "bigquery_rejects.json"),

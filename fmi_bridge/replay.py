@@ -113,7 +113,9 @@ def _matching_pages(
         # insert_all may have written a reject twice: one row per reject_id, chosen by the query, not in memory
         f"QUALIFY ROW_NUMBER() OVER (PARTITION BY r.reject_id) = 1 ORDER BY r.received_at"
     )
-    job = client.query(sql, job_config=bigquery.QueryJobConfig(query_parameters=params))
+    job = client.query(
+        sql, job_config=bigquery.QueryJobConfig(query_parameters=params), location=config.bigquery_location
+    )
     rows = job.result(timeout=config.setup_timeout_seconds * 12, page_size=page_rows)
     for page in rows.pages:
         yield [dict(row.items()) for row in page]

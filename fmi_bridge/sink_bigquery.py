@@ -3,8 +3,9 @@ event_id / reject_id. Each lane has its own sender, so a table that keeps failin
 
 Rules:
 - Whole-request faults (network, 5xx, timeouts, missing table or permission) leave the batch in the spool.
-- Batches are bounded by rows and by bytes, under insertAll's 10 MB request limit with room for the JSON
-  around each row. A 400 for a whole request is narrowed down by halving, not row by row.
+- Batches are bounded by rows and by bytes as sent, under insertAll's 10 MB request limit with room for the
+  JSON around each row. A 400 for a whole request, or a 413 from the front end for a far-oversized one
+  (googleapis/google-cloud-go#2855), is narrowed down by halving, not row by row.
 - Per-row errors: a row BigQuery calls `invalid` is refused for good. A refused reading moves to the rejects
   table with the error (reason `bigquery_rejected`); a refused rejects-table row is logged in full at ERROR and
   let go (retrying could never succeed). Any other per-row reason (`backendError`, `timeout`, `stopped`, ...)
@@ -13,8 +14,10 @@ Rules:
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from google.api_core import exceptions as api_exceptions
@@ -68,12 +71,13 @@ class BigQuerySink:
         self._retry = Retry(initial=0.2, maximum=2.0, timeout=min(timeout, 10.0))
 
     def next_batch(self, spool: Spool) -> list[Record]:
-        return spool.pending(
+        records = spool.pending(
             self.bit,
             self.batch_size,
             kind=self.destination.kind,
             max_bytes=REQUEST_BYTES - self.batch_size * ROW_OVERHEAD_BYTES,
         )
+        return _within_request(records)
 
     def owed(self, spool: Spool) -> int:
         return spool.count_pending(self.bit, self.destination.kind)
@@ -118,19 +122,32 @@ class BigQuerySink:
                 retry=self._retry,
                 timeout=self.timeout,
             )
-        except api_exceptions.BadRequest as exc:
+        except api_exceptions.NotFound as exc:
+            raise missing(f"BigQuery table {table}") from exc
+        except api_exceptions.GoogleAPICallError as exc:
+            if not (isinstance(exc, api_exceptions.BadRequest) or exc.code == HTTPStatus.REQUEST_ENTITY_TOO_LARGE):
+                raise _TransientError(f"insert into {table} failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
             if len(group) == 1:
                 return {group[0].id: (True, f"{exc.code}: {exc.message}")}
             half = len(group) // 2
             return {**self._insert(group[:half]), **self._insert(group[half:])}
-        except api_exceptions.NotFound as exc:
-            raise missing(f"BigQuery table {table}") from exc
         except Exception as exc:  # network, 5xx, timeouts, 403: all worth another try later
             raise _TransientError(f"insert into {table} failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
         return {group[entry["index"]].id: _classify(entry.get("errors", [])) for entry in errors}
 
     def close(self) -> None:
         self.client.close()
+
+
+def _within_request(records: list[Record]) -> list[Record]:
+    """The records whose rows fit one request as the client sends it: json.dumps' ASCII, where a character
+    outside ASCII is a \\uXXXX escape (up to 3 times its UTF-8 bytes, which is what the spool counts)."""
+    total = 0
+    for count, record in enumerate(records):
+        total += len(json.dumps(record.row)) + ROW_OVERHEAD_BYTES
+        if count and total > REQUEST_BYTES:
+            return records[:count]
+    return records
 
 
 def _classify(errors: list[dict[str, Any]]) -> tuple[bool, str]:

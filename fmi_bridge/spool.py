@@ -544,6 +544,10 @@ class Spool:
         batch = self.pending(bit, limit, kind=kind, max_bytes=max_bytes)
         if not batch:
             return []
+        # On disk before the append leaves: with NORMAL a power cut can roll the assignment back after the rows
+        # landed, and a later, larger batch from the same offset would be settled whole on ALREADY_EXISTS.
+        # (SQLite, PRAGMA synchronous: in WAL mode NORMAL commits "might roll back following a power loss".)
+        conn.execute("PRAGMA synchronous=FULL")
         with self._bookkeeping("giving stream offsets") as conn:
             (first,) = conn.execute("SELECT next_offset FROM write_streams WHERE lane = ?", (lane,)).fetchone()
             conn.executemany(

@@ -28,6 +28,8 @@ class BigQueryFaults:
     failed: dict[str, int] = field(default_factory=dict)  # insertId -> times failed
     spoils_request: Callable[[dict[str, Any]], bool] = lambda row: False  # a row that makes the whole request 400
     latency_seconds: float = 0.0  # added to every insertAll
+    entity_limit: int | None = None  # a request larger answers 413, as Google's front end may for far-oversized
+    entity_refused: int = 0
     too_large: int = 0  # requests refused for their size
     insert_calls: int = 0
     largest_request: int = 0
@@ -87,6 +89,9 @@ class BigQueryProxy:
         faults.insert_calls += 1
         time.sleep(faults.latency_seconds)
         faults.largest_request = max(faults.largest_request, len(body))
+        if faults.entity_limit is not None and len(body) > faults.entity_limit:
+            faults.entity_refused += 1
+            return 413, b"<html><title>413 Request Entity Too Large</title></html>"
         if len(body) > REQUEST_LIMIT:
             faults.too_large += 1
             error = {"code": 400, "message": f"Request payload size exceeds the limit: {REQUEST_LIMIT} bytes."}

@@ -321,3 +321,38 @@ def test_a_reject_row_bigquery_refuses_is_logged_in_full_and_let_go(
     assert "bad_json" in json.dumps(logged[0])  # the whole row: reason, payload, detail
     wait_until(lambda: bridge.metric("fmi_bridge_spool_records") == 0, 30, "nothing left owed: let go")
     assert bq_distinct_ids(cloud.bq, cloud.readings_table) == expected_ids(good)
+
+
+def test_batches_are_sized_as_the_client_sends_them(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], bigquery_proxy: BigQueryProxy
+) -> None:
+    """Text outside ASCII travels as \\uXXXX escapes: 6 bytes where the spool counts 3 (CJK)."""
+    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url)
+    pad = "測" * 10_000  # 30 KB in UTF-8, 60 KB as sent
+    big = [
+        Published(m.topic, json.dumps({**json.loads(m.payload), "pad": pad}, ensure_ascii=False).encode())
+        for m in readings(SITES, 150)
+    ]
+
+    publish(broker.port, big)
+
+    wait_until(lambda: bq_distinct_ids(cloud.bq, cloud.readings_table) == expected_ids(big), 90, "every row")
+    assert bigquery_proxy.faults.too_large == 0  # no request over 10 MB as sent
+    assert bridge.metric("fmi_bridge_sink_dead_lettered_total", 'sink="bigquery"') == 0
+
+
+def test_a_413_from_the_front_end_is_narrowed_down_like_a_400(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], bigquery_proxy: BigQueryProxy
+) -> None:
+    bigquery_proxy.faults.entity_limit = 200_000  # far below what the bridge sends: every large batch answers 413
+    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url)
+    pad = "x" * 20_000
+    big = [Published(m.topic, json.dumps({**json.loads(m.payload), "pad": pad}).encode()) for m in readings(SITES, 40)]
+
+    publish(broker.port, big)
+
+    wait_until(lambda: bq_distinct_ids(cloud.bq, cloud.readings_table) == expected_ids(big), 90, "every row")
+    assert bigquery_proxy.faults.entity_refused > 0
+    rows = bq_query(cloud.bq, f"SELECT count(*) AS n FROM `{cloud.readings_table}`")[0]["n"]
+    assert rows == len(big)  # each once: a 413 wrote nothing
+    assert bridge.metric("fmi_bridge_sink_dead_lettered_total", 'sink="bigquery"') == 0

@@ -236,3 +236,18 @@ def test_replay_goes_a_page_at_a_time_and_a_full_spool_stops_it_with_what_it_too
     drain()
     assert sorted(sent) == sorted(expected_ids(messages))  # each once
     assert len(bq_query(cloud.bq, f"SELECT reject_id FROM `{cloud.rejects_table}_replayed`")) == 7
+
+
+def test_provision_puts_the_dataset_where_bigquery_location_says_and_names_a_mismatch(
+    pubsub_endpoint: PubSubEndpoint, bigquery: BigQueryEmulator, broker: Broker
+) -> None:
+    env = {**operator_env(pubsub_endpoint, bigquery, broker.port), "BIGQUERY_LOCATION": "europe-west1"}
+    made = run(env, "provision")
+    assert made.returncode == 0, made.stderr
+    assert f"dataset {env['BIGQUERY_DATASET']} ready in europe-west1" in made.stdout
+    assert bigquery.client().get_dataset(f"{PROJECT}.{env['BIGQUERY_DATASET']}").location == "europe-west1"
+
+    elsewhere = run({**env, "BIGQUERY_LOCATION": "US"}, "provision")
+    assert elsewhere.returncode == 1
+    assert "is in europe-west1, but BIGQUERY_LOCATION=US" in elsewhere.stderr
+    assert "cannot be changed" in elsewhere.stderr

@@ -53,7 +53,7 @@ def pull(config: Config, name: str, wait: float) -> int:
 
 
 def query(config: Config, sql: str) -> int:
-    rows = list(cloud.bigquery_client(config).query(sql).result(timeout=60))
+    rows = list(cloud.bigquery_client(config).query(sql, location=config.bigquery_location).result(timeout=60))
     for row in rows:
         print(json.dumps(dict(row.items()), default=str))
     print(f"{len(rows)} row(s)", file=sys.stderr)
