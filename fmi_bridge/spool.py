@@ -548,13 +548,16 @@ class Spool:
         # landed, and a later, larger batch from the same offset would be settled whole on ALREADY_EXISTS.
         # (SQLite, PRAGMA synchronous: in WAL mode NORMAL commits "might roll back following a power loss".)
         conn.execute("PRAGMA synchronous=FULL")
-        with self._bookkeeping("giving stream offsets") as conn:
-            (first,) = conn.execute("SELECT next_offset FROM write_streams WHERE lane = ?", (lane,)).fetchone()
-            conn.executemany(
-                "UPDATE records SET write_offset = ? WHERE id = ?",
-                [(first + index, record.id) for index, record in enumerate(batch)],
-            )
-            conn.execute("UPDATE write_streams SET next_offset = ? WHERE lane = ?", (first + len(batch), lane))
+        try:
+            with self._bookkeeping("giving stream offsets") as conn:
+                (first,) = conn.execute("SELECT next_offset FROM write_streams WHERE lane = ?", (lane,)).fetchone()
+                conn.executemany(
+                    "UPDATE records SET write_offset = ? WHERE id = ?",
+                    [(first + index, record.id) for index, record in enumerate(batch)],
+                )
+                conn.execute("UPDATE write_streams SET next_offset = ? WHERE lane = ?", (first + len(batch), lane))
+        finally:
+            conn.execute("PRAGMA synchronous=NORMAL")  # a lost settle only means a resend, which the offsets cure
         return [Record(r.id, r.kind, r.site_code, r.body, first + index) for index, r in enumerate(batch)]
 
     def take_back_offsets(self, lane: str, ids: Sequence[int], first: int) -> None:

@@ -129,7 +129,9 @@ def test_prd_broker_refuses_anonymous_and_plain_tcp_clients(prd_broker: Broker, 
     assert connack(prd_broker.port, BRIDGE_USER, BRIDGE_PASSWORD, tls_ca=pki.ca) == "Success"
 
 
-def start_prd_bridge(bridges: Callable[..., Bridge], cloud: Cloud, broker: Broker, pki: Pki, workdir: Path) -> Bridge:
+def start_prd_bridge(
+    bridges: Callable[..., Bridge], cloud: Cloud, broker: Broker, pki: Pki, workdir: Path, **extra: str
+) -> Bridge:
     """A PRD bridge: TLS to the broker, its user and a password file (with the newline editors leave)."""
     password_file = workdir / "bridge-password"
     password_file.write_text(BRIDGE_PASSWORD + "\n")
@@ -141,6 +143,7 @@ def start_prd_bridge(bridges: Callable[..., Bridge], cloud: Cloud, broker: Broke
         "MQTT_TLS_CA": str(pki.ca),
         "MQTT_USERNAME": BRIDGE_USER,
         "MQTT_PASSWORD_FILE": str(password_file),
+        **extra,
     }
     bridge = bridges(env).start()
     bridge.wait_ready()
@@ -361,21 +364,8 @@ def test_mutual_tls_the_bridge_presents_its_certificate(
     broker.start()
     try:
         assert connack(broker.port, BRIDGE_USER, BRIDGE_PASSWORD, tls_ca=pki.ca) != "Success"  # no certificate
-        password_file = tmp_path / "bridge-password"
-        password_file.write_text(BRIDGE_PASSWORD)
-        env = {
-            **cloud.env,
-            "APP_ENV": "PRD",
-            "MQTT_BROKER": "localhost",
-            "MQTT_PORT": str(broker.port),
-            "MQTT_TLS_CA": str(pki.ca),
-            "MQTT_TLS_CERT": str(keys / "bridge.pem"),
-            "MQTT_TLS_KEY": str(keys / "bridge.key"),
-            "MQTT_USERNAME": BRIDGE_USER,
-            "MQTT_PASSWORD_FILE": str(password_file),
-        }
-        bridge = bridges(env).start()
-        bridge.wait_ready()
+        certificate = {"MQTT_TLS_CERT": str(keys / "bridge.pem"), "MQTT_TLS_KEY": str(keys / "bridge.key")}
+        bridge = start_prd_bridge(bridges, cloud, broker, pki, tmp_path, **certificate)
         assert bridge.metric("fmi_bridge_mqtt_connects_total") == 1
     finally:
         broker.kill()
