@@ -246,3 +246,17 @@ def test_an_import_goes_ahead_of_what_the_spool_holds_and_never_past_its_limit(
     with sqlite3.connect(live / "spool.db") as conn:
         order = [row[0] for row in conn.execute("SELECT created_at FROM records ORDER BY id")]
     assert order[:20] == sorted(order[:20]) and max(order[:20]) < min(order[20:])  # the older spool's first
+
+
+def test_a_spool_that_cannot_be_read_stops_start_up_with_exit_1_and_is_left_as_it_is(
+    broker: Broker, bridges: Callable[..., Bridge], tmp_path: Path
+) -> None:
+    """No file SQLite can open where the spool should be (here a folder by its name: root reads any file)."""
+    spool = tmp_path / "spool"
+    (spool / "spool.db").mkdir(parents=True)
+    bridge = bridges(local_env(broker, spool)).start()
+    assert bridge.process is not None
+    assert bridge.process.wait(30) == 1
+    errors = [e for e in bridge.log_entries() if e.get("severity") == "ERROR"]
+    assert [e["message"] for e in errors] == ["cannot open the spool; nothing was changed, exiting to be restarted"]
+    assert (spool / "spool.db").is_dir() and not list(spool.glob("*.corrupt-*"))  # nothing moved aside
