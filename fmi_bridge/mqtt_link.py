@@ -43,6 +43,8 @@ QOS = 1
 # Retained readings only when the subscription is new: a resumed session must not get them again on every
 # reconnect (a new session gets the broker's last retained reading once; its event_id is unchanged).
 RETAIN_HANDLING = SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
+UNREACHABLE_WARN_SECONDS = 5.0  # a broker away longer than this is a WARNING; a restart takes less
+FLAPPING_LOSSES = 3  # connections lost within a minute before each loss is a WARNING
 
 
 class MqttLink:
@@ -59,7 +61,8 @@ class MqttLink:
         self.reading = True  # cleared at shutdown: the broker keeps what was not read
         self.generation = 0
         self._closing = False
-        self._lost: str | None = None  # why the connection was lost, until the loop has said so
+        self._unreachable_since: float | None = None  # the first failed connect of the current run of them
+        self._losses: deque[float] = deque()  # when recent connections were lost (flapping shows as a WARNING)
         self._acks: deque[Inbound] = deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -113,7 +116,13 @@ class MqttLink:
                 )
             except (OSError, ssl.SSLError) as exc:
                 delay = self._backoff.next_delay()
-                log.warning(
+                now = time.monotonic()
+                self._unreachable_since = self._unreachable_since or now
+                # A broker that is only restarting (or stopped first at a normal stop) is no alarm; one that
+                # stays away is.
+                level = logging.WARNING if now - self._unreachable_since >= UNREACHABLE_WARN_SECONDS else logging.INFO
+                log.log(
+                    level,
                     "broker unreachable; trying again",
                     extra={
                         "broker": f"{self.config.mqtt_broker}:{self.config.mqtt_port}",
@@ -123,24 +132,15 @@ class MqttLink:
                 )
                 stop.wait(delay)
                 continue
+            self._unreachable_since = None
             while not stop.is_set() and self._pump(timeout=1.0) == mqtt.MQTT_ERR_SUCCESS:
                 self.heartbeat = time.monotonic()
                 if self._subscribe_at is not None and self.heartbeat >= self._subscribe_at:
                     self._subscribe()
             if not stop.is_set():
                 stop.wait(self._backoff.next_delay())
-                self._report_lost_connection()
         self._close()
         self.heartbeat = time.monotonic()
-
-    def _report_lost_connection(self) -> None:
-        """Said after the reconnect wait, not at once: at a normal stop Supervisor stops the broker first and the
-        bridge a moment later, and a lost connection then is no fault (the bridge has begun stopping by now)."""
-        if self._lost is None:
-            return
-        level = logging.INFO if not self.reading else logging.WARNING
-        log.log(level, "disconnected from broker", extra={"reason": self._lost})
-        self._lost = None
 
     def _pump(self, timeout: float) -> int:
         """One turn of the network loop, as paho's loop(), with the acknowledgements handed over sent first."""
@@ -235,10 +235,18 @@ class MqttLink:
         self._subscribe_at = None  # the next connect subscribes anyway
         if was_connected:
             self.metrics.disconnects.inc()
-            if self._closing:
-                log.info("disconnected from broker", extra={"reason": str(reason)})
-            else:
-                self._lost = str(reason)  # logged by the loop after its wait (see _report_lost_connection)
+            now = time.monotonic()
+            self._losses.append(now)
+            while self._losses[0] < now - 60:
+                self._losses.popleft()
+            # One loss (a broker restart, the broker stopped first at a normal stop) is no alarm; a connection
+            # lost again and again (a packet it cannot take, a second client with its id) is.
+            flapping = len(self._losses) >= FLAPPING_LOSSES and not self._closing
+            log.log(
+                logging.WARNING if flapping else logging.INFO,
+                "disconnected from broker",
+                extra={"reason": str(reason), "losses_in_the_last_minute": len(self._losses)},
+            )
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from fmi_bridge.inbox import MAX_MESSAGES
@@ -225,3 +226,22 @@ def test_a_shared_subscription_splits_the_readings_between_bridges(broker: Broke
     finally:
         for bridge in pair:
             bridge.stop()
+
+
+def test_a_connection_lost_again_and_again_is_a_warning_one_loss_is_not(
+    broker: Broker, bridges: Callable[..., Bridge]
+) -> None:
+    """Another client with the bridge's client id (LOCAL and DEV bind no id to a login) takes the session each
+    time it connects: the bridge reconnects and loses it again. One loss is a broker restart; three in a minute
+    are a fault an operator must see."""
+    bridge = bridges({**LOCAL_ONLY, "MQTT_PORT": str(broker.port), "MQTT_CLIENT_ID": "bridge-id"}).start()
+    bridge.wait_ready()
+    for taken in range(1, 4):
+        borrower = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bridge-id", protocol=mqtt.MQTTv5)
+        borrower.connect("127.0.0.1", broker.port)
+        borrower.loop(timeout=0.5)
+        borrower.disconnect()
+        wait_until(lambda n=taken: bridge.metric("fmi_bridge_mqtt_disconnects_total") >= n, 10, f"loss {taken}")
+        bridge.wait_ready()  # it took its session back
+    losses = [e for e in bridge.log_entries() if e.get("message") == "disconnected from broker"]
+    assert [e["severity"] for e in losses] == ["INFO", "INFO", "WARNING"]
