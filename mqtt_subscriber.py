@@ -43,7 +43,7 @@ from fmi_bridge.logs import setup_logging
 from fmi_bridge.loops import Loops
 from fmi_bridge.metrics import Metrics
 from fmi_bridge.mqtt_link import MqttLink
-from fmi_bridge.provision import SCHEMAS, SUBSCRIPTION_NAME, ProvisionError, provision
+from fmi_bridge.provision import SCHEMAS, SUBSCRIPTION_NAME, ProvisionError, provision, schema_gaps
 from fmi_bridge.replay import replay
 from fmi_bridge.senders import Sender
 from fmi_bridge.shutdown import stop_in_order
@@ -307,6 +307,7 @@ def open_spool(config: Config) -> Spool:
 
 def run(config: Config, options: argparse.Namespace | None = None) -> int:
     log.info("starting", extra={"config": config.describe()})
+    warn_of_schema_gaps(config)
     metrics = Metrics()
     sinks = build_sinks(config)
     try:
@@ -357,6 +358,21 @@ def run(config: Config, options: argparse.Namespace | None = None) -> int:
     health.stop()
     operators.stop()
     return EXIT_FAULT if loops.failed else 0
+
+
+def warn_of_schema_gaps(config: Config) -> None:
+    """A table without a column this release writes refuses every row that has it: say so once, at start."""
+    if not config.bigquery_enabled:
+        return
+    try:
+        gaps = schema_gaps(config, cloud.bigquery_client(config))
+    except (GoogleAPIError, OSError):  # a missing table or an unreachable service: the sinks say so, and how
+        return
+    for table, columns in gaps.items():
+        log.error(
+            "table lacks columns this release writes: `python mqtt_subscriber.py provision` adds them",
+            extra={"table": table, "columns": columns},
+        )
 
 
 def readiness(link: MqttLink, intake: Intake, spool: Spool) -> str | None:

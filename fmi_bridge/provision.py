@@ -1,4 +1,9 @@
-"""Create the Pub/Sub topic, the dataset and both tables from the shipped schema files; safe to run again."""
+"""Create the Pub/Sub topic, the dataset and both tables from the shipped schema files; safe to run again.
+
+A table that exists gets the columns the schema files have and it lacks (a release that adds a column); a column
+of another type or mode is named, never changed (BigQuery cannot retype a column in place, and dropping one
+would lose data).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from google.api_core import exceptions as api_exceptions
-from google.cloud.bigquery import DEFAULT_RETRY, Dataset, Table
+from google.cloud.bigquery import DEFAULT_RETRY, Dataset, SchemaField, Table
 
 from fmi_bridge import cloud
 from fmi_bridge.config import Config
@@ -117,6 +122,7 @@ def _provision_bigquery(config: Config, bigquery: Any) -> list[str]:
             ": a dataset's location cannot be changed; set BIGQUERY_LOCATION to match, or choose another dataset"
         )
     done = [f"dataset {config.bigquery_dataset} ready in {made.location}"]
+    differences: list[str] = []
     for table, schema_file in (
         (config.bigquery_table, "bigquery_readings.json"),
         (config.bigquery_rejects_table, "bigquery_rejects.json"),
@@ -124,9 +130,77 @@ def _provision_bigquery(config: Config, bigquery: Any) -> list[str]:
     ):
         assert table is not None  # Config requires it wherever BigQuery is on
         resource = Table.from_api_repr(table_resource(config, table, schema_file))
-        bigquery.create_table(resource, exists_ok=True, **limits)
+        existing = bigquery.create_table(resource, exists_ok=True, **limits)
+        added, different = _align_schema(bigquery, existing, resource.schema, limits)
+        done += [f"table {config.bigquery_dataset}.{table}: added column {column}" for column in added]
+        differences += [f"{config.bigquery_dataset}.{table}.{column}" for column in different]
         done.append(f"table {config.bigquery_dataset}.{table} ready")
     view = latest_view(config)
     bigquery.create_table(view, exists_ok=True, **limits)
     done.append(f"view {config.bigquery_dataset}.{view.table_id} ready")
+    if differences:
+        raise ProvisionError(
+            f"{'; '.join(done)}; but these columns differ from schemas/ and are not changed (a column cannot be "
+            f"retyped in place): {'; '.join(differences)}"
+        )
     return done
+
+
+def schema_gaps(config: Config, bigquery: Any) -> dict[str, list[str]]:
+    """Per existing table, the columns the schema files have and it lacks (a release ahead of `provision`)."""
+    wait = config.setup_timeout_seconds
+    gaps: dict[str, list[str]] = {}
+    for table, schema_file in (
+        (config.bigquery_table, "bigquery_readings.json"),
+        (config.bigquery_rejects_table, "bigquery_rejects.json"),
+    ):
+        wanted = [field["name"] for field in json.loads((SCHEMAS / schema_file).read_text())["schema"]["fields"]]
+        try:
+            existing = bigquery.get_table(
+                cloud.table_id(config, table), retry=DEFAULT_RETRY.with_deadline(wait), timeout=wait
+            )
+        except api_exceptions.NotFound:
+            continue  # a missing table is the sink's to name (with the same remedy)
+        lacking = [name for name in wanted if name not in {field.name for field in existing.schema}]
+        if lacking:
+            gaps[f"{config.bigquery_dataset}.{table}"] = lacking
+    return gaps
+
+
+_API_TYPES = {"FLOAT64": "FLOAT", "INT64": "INTEGER", "BOOL": "BOOLEAN", "STRUCT": "RECORD"}  # the API's names
+_SQL_TYPES = {api: sql for sql, api in _API_TYPES.items()}  # and standard SQL's, for the DDL
+
+
+def _api_type(field: SchemaField) -> str:
+    return _API_TYPES.get(field.field_type, field.field_type)
+
+
+def _align_schema(
+    bigquery: Any, table: Any, wanted: list[SchemaField], limits: dict[str, Any]
+) -> tuple[list[str], list[str]]:
+    """Add the columns `wanted` has and the table lacks, as NULLABLE (BigQuery adds no REQUIRED column to a
+    table that may hold rows); return (added, columns of another type). A column provision added is NULLABLE
+    where the schema file says REQUIRED: that is no difference, since the bridge always writes it."""
+    have = {field.name: field for field in table.schema}
+    missing = [field for field in wanted if field.name not in have]
+    different = [
+        f"{field.name} is {_api_type(have[field.name])}, schemas/ says {_api_type(field)}"
+        for field in wanted
+        if field.name in have and _api_type(have[field.name]) != _api_type(field)
+    ]
+    if not missing:
+        return [], different
+    added = [
+        SchemaField(field.name, field.field_type, mode="NULLABLE", description=field.description) for field in missing
+    ]
+    table.schema = [*table.schema, *added]
+    bigquery.update_table(table, ["schema"], **limits)
+    for field in added:
+        # The metadata change is all BigQuery needs; bqemulator keeps its storage apart from it and needs the
+        # DDL too. On BigQuery the DDL finds the column there and does nothing (IF NOT EXISTS).
+        sql_type = _SQL_TYPES.get(_api_type(field), _api_type(field))
+        bigquery.query(
+            f"ALTER TABLE `{table.full_table_id.replace(':', '.')}` ADD COLUMN IF NOT EXISTS {field.name} {sql_type}",
+            location=table.location,
+        ).result(timeout=limits["timeout"])
+    return [f"{field.name} ({_api_type(field)}, NULLABLE)" for field in added], different

@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.cloud import bigquery as bq
 from google.cloud import pubsub_v1
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
 from fmi_bridge.cloud import emulator_transport
+from fmi_bridge.config import Config
 from fmi_bridge.events import dead_letter_row, reading_row
+from fmi_bridge.provision import table_resource
 from fmi_bridge.readings import Inbound, Reading, validate
 from fmi_bridge.replay import replay
 from fmi_bridge.sinks import BIGQUERY, PUBSUB
@@ -251,3 +254,49 @@ def test_provision_puts_the_dataset_where_bigquery_location_says_and_names_a_mis
     assert elsewhere.returncode == 1
     assert "is in europe-west1, but BIGQUERY_LOCATION=US" in elsewhere.stderr
     assert "cannot be changed" in elsewhere.stderr
+
+
+def test_provision_adds_the_columns_a_release_brings_and_names_what_it_will_not_change(
+    pubsub_endpoint: PubSubEndpoint, bigquery: BigQueryEmulator, broker: Broker, bridges: Callable[..., Bridge]
+) -> None:
+    env = operator_env(pubsub_endpoint, bigquery, broker.port)
+    config = Config.from_env(env)
+    client = bigquery.client()
+    client.create_dataset(f"{PROJECT}.{env['BIGQUERY_DATASET']}")
+    older = table_resource(config, "readings", "bigquery_readings.json")
+    older["schema"]["fields"] = [f for f in older["schema"]["fields"] if f["name"] != "payload"]  # a release ago
+    client.create_table(bq.Table.from_api_repr(older))
+
+    bridge = bridges(env).start()  # ahead of provision: says which table lacks which columns
+    gap = wait_until(
+        lambda: [e for e in bridge.log_entries() if e.get("message", "").startswith("table lacks columns")], 30, ""
+    )
+    assert gap[0]["severity"] == "ERROR" and gap[0]["columns"] == ["payload"] and "provision" in gap[0]["message"]
+    bridge.stop()
+
+    made = run(env, "provision")
+    assert made.returncode == 0, made.stderr
+    assert f"table {env['BIGQUERY_DATASET']}.readings: added column payload (STRING, NULLABLE)" in made.stdout
+    table = client.get_table(f"{PROJECT}.{env['BIGQUERY_DATASET']}.readings")
+    assert "payload" in [field.name for field in table.schema]
+    again = run(env, "provision")  # safe to repeat: nothing more to add, no difference to name
+    assert again.returncode == 0 and "added column" not in again.stdout
+
+    bridge = bridges(env).start()
+    bridge.wait_ready()
+    assert not [e for e in bridge.log_entries() if e.get("message", "").startswith("table lacks columns")][1:]
+    message = readings(["S1"], 1)
+    publish(broker.port, message)
+    wait_until(lambda: bridge.metric("fmi_bridge_sink_sent_total", 'sink="bigquery"') == 1, 30, "the row")
+    rows = bq_query(client, f"SELECT payload FROM `{PROJECT}.{env['BIGQUERY_DATASET']}.readings`")
+    assert [row["payload"] for row in rows] == [message[0].payload.decode()]  # the new column holds data
+
+    retyped = {**env, "BIGQUERY_TABLE": "retyped"}
+    wrong = table_resource(Config.from_env(retyped), "retyped", "bigquery_readings.json")
+    for field in wrong["schema"]["fields"]:
+        if field["name"] == "value":
+            field["type"] = "STRING"
+    client.create_table(bq.Table.from_api_repr(wrong))
+    refused = run(retyped, "provision")
+    assert refused.returncode == 1
+    assert f"{env['BIGQUERY_DATASET']}.retyped.value is STRING, schemas/ says FLOAT" in refused.stderr
