@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -118,9 +118,11 @@ RULES: tuple[Rule, ...] = (
 )
 
 # "If messages have ordering keys, the maximum publisher throughput is 1 MB/s per ordering key" (quotas page),
-# counted on the published PubsubMessages. Google does not document the status of a key that goes faster; this
-# layer answers RESOURCE_EXHAUSTED, the code the installed client's Publish retry settings treat as "slow down"
-# (google/pubsub_v1/services/publisher/transports/base.py). Not checked against the service.
+# counted on the published PubsubMessages. Google documents neither how it measures the rate nor the status of a
+# key that goes faster. This layer measures it as a rate with one second's burst (a token bucket of 1 MB filling
+# at 1 MB/s: a strict one-second window would refuse a sender under the limit whose requests merely arrive
+# unevenly), and answers RESOURCE_EXHAUSTED, the code the installed client's Publish retry settings treat as
+# "slow down" (google/pubsub_v1/services/publisher/transports/base.py). Not checked against the service.
 KEY_RATE = Rule(
     "at most 1 MB/s per ordering key",
     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -158,7 +160,7 @@ class PubSubConformanceLayer:
         self.requests = 0  # Publish requests seen
         self.keys_per_request: list[int] = []
         self.key_history: dict[str, list[tuple[float, int]]] = defaultdict(list)  # accepted: (arrival, bytes)
-        self._sent: dict[str, deque[tuple[float, int]]] = defaultdict(deque)  # key → (arrival, bytes)
+        self._buckets: dict[str, tuple[float, float]] = {}  # key → (bytes it may still send, when last filled)
         self._lock = threading.Lock()
         self._channel = grpc.insecure_channel(upstream, options=[("grpc.max_send_message_length", 64 * 1024**2)])
         self._server = grpc.server(
@@ -216,13 +218,13 @@ class PubSubConformanceLayer:
         if not key:
             return False
         now = time.monotonic()
-        sent = self._sent[key]
-        while sent and sent[0][0] <= now - 1.0:
-            sent.popleft()
+        tokens, stamp = self._buckets.get(key, (float(KEY_BYTES_PER_SECOND), now))
+        tokens = min(float(KEY_BYTES_PER_SECOND), tokens + (now - stamp) * KEY_BYTES_PER_SECOND)
         size = sum(message.ByteSize() for message in request.messages)
-        if sum(bytes_ for _, bytes_ in sent) + size > KEY_BYTES_PER_SECOND:
+        if size > tokens:
+            self._buckets[key] = (tokens, now)
             return True
-        sent.append((now, size))
+        self._buckets[key] = (tokens - size, now)
         self.key_history[key].append((now, size))
         return False
 
@@ -237,7 +239,7 @@ class PubSubConformanceLayer:
             self.requests = 0
             self.keys_per_request.clear()
             self.key_history.clear()
-            self._sent.clear()
+            self._buckets.clear()
 
     def start(self) -> PubSubConformanceLayer:
         self._server.start()
