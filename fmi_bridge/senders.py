@@ -49,13 +49,9 @@ class Sender:
                 self._failed("SPOOL")
                 self._warn("cannot record the lane's progress in the spool", str(exc), self.owed())
                 progressed = False
-            except sqlite3.DatabaseError as exc:
-                if is_corrupt(exc):  # a read of the spool (a batch, a count) found it damaged
+            except Exception as exc:  # thread boundary: log, count, keep the loop alive
+                if isinstance(exc, sqlite3.DatabaseError) and is_corrupt(exc):  # a read of the spool found damage
                     raise SpoolDamagedError(f"spool read failed: {exc}") from exc
-                log.exception("sender round failed", extra={"sink": self.sink.lane})
-                self._failed("ERROR")
-                progressed = False
-            except Exception:  # thread boundary: log, count, keep the loop alive
                 log.exception("sender round failed", extra={"sink": self.sink.lane})
                 self._failed("ERROR")
                 progressed = False
