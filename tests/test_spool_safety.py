@@ -209,8 +209,10 @@ def test_a_spool_damaged_while_running_stops_the_bridge_and_the_next_start_moves
     wait_until(lambda: bridge.metric("fmi_bridge_sink_owed_records", 'sink="pubsub"') == len(backlog), 30, "spooled")
 
     spool_file = tmp_path / "spool" / "spool.db"
-    with sqlite3.connect(spool_file) as outside:  # every page into the main file, then damage them all but the first
-        outside.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with sqlite3.connect(spool_file, timeout=10) as outside:  # every page into the main file, then damage them
+        wait_until(  # all but the first; a checkpoint meets a reader now and then: ask until it got through
+            lambda: outside.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0, 30, "a full checkpoint"
+        )
     with spool_file.open("r+b") as damaged:
         damaged.seek(4096)
         damaged.write(b"\xa5" * (spool_file.stat().st_size - 4096))
