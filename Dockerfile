@@ -33,7 +33,8 @@ RUN mkdir -p /data/spool /data/mosquitto && chown -R 10001:10001 /data
 VOLUME ["/data"]
 
 USER 10001:10001
-# 8080: health checks and metrics; 1883: MQTT (LOCAL, DEV); 8883: MQTT over TLS (PPRD, PRD)
+# 8080: the health checks; 1883: MQTT (LOCAL, DEV); 8883: MQTT over TLS (PPRD, PRD). /metrics listens on
+# 127.0.0.1:9464 inside the container only, so it is not exposed.
 EXPOSE 8080 1883 8883
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/readiness_check', timeout=4)"]
