@@ -10,7 +10,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.cloud import bigquery as bq
@@ -202,14 +204,18 @@ def test_broker_unreachable_at_start(tmp_path: Path, cloud: Cloud, bridges: Call
     broker = Broker(tmp_path / "late-broker")
     bridge = bridges({**cloud.env, "MQTT_PORT": str(broker.port)}).start()
     wait_until(lambda: bridge.status("/liveness_check")[0] == 200, 20, "liveness")
-    time.sleep(7)
+
+    def retries() -> list[dict[str, Any]]:
+        return [e for e in bridge.log_entries() if e.get("message") == "broker unreachable; trying again"]
+
+    # A restart's worth of absence is said at INFO; a broker still away after 5 s is a WARNING.
+    wait_until(lambda: retries() and retries()[-1]["severity"] == "WARNING", 30, "a WARNING once it stays away")
     status, body = bridge.status("/readiness_check")
     assert status == 503 and "not connected" in body
-    retries = [e for e in bridge.log_entries() if e.get("message") == "broker unreachable; trying again"]
-    assert len(retries) >= 2
-    # A restart's worth of absence is said at INFO; a broker still away after 5 s is a WARNING.
-    assert retries[0]["severity"] == "INFO" and retries[-1]["severity"] == "WARNING"
-    delays = [e["retry_in_seconds"] for e in retries]
+    assert len(retries()) >= 2 and retries()[0]["severity"] == "INFO"
+    first, warned = (datetime.fromisoformat(e["time"]) for e in (retries()[0], retries()[-1]))
+    assert (warned - first).total_seconds() >= 5
+    delays = [e["retry_in_seconds"] for e in retries()]
     steps = [min(60.0, 2.0**attempt) for attempt in range(len(delays))]  # 1 s doubling to 60 s
     assert all(step / 2 - 0.01 <= delay <= step + 0.01 for delay, step in zip(delays, steps, strict=True))
     assert any(delay < step * 0.98 for delay, step in zip(delays, steps, strict=True))  # jittered below the step

@@ -167,6 +167,7 @@ def test_a_request_that_lands_but_whose_answer_is_late_is_sent_again_never_reord
 
     faults.latency_seconds = 0.0
     assert_delivered(cloud, messages)  # every reading, first deliveries in publish order per site
-    # Each late answer counted as a failure of its site and its request sent again (what landed twice is the
-    # duplicates consumers drop by event_id; how many depends on the timing, so they are not counted here).
-    assert bridge.metric("fmi_bridge_lane_failed_total", 'code="DEADLINE_EXCEEDED"') >= 2
+    # The late answers counted as failures, and their requests sent again (what landed twice is the duplicates
+    # consumers drop by event_id; how many depends on the timing, so they are not counted here).
+    assert bridge.metric("fmi_bridge_lane_failed_total", 'code="DEADLINE_EXCEEDED"') >= 1
+    assert faults.publish_calls >= 4  # two sites' first requests, and each sent again
