@@ -331,7 +331,7 @@ def run(config: Config, options: argparse.Namespace | None = None) -> int:
     metrics.watch_owed(lambda: {name: spool.owed(bit) for name, bit in sink_bits.items()}, stats.seconds_to_full)
 
     stopping = _on_sigterm()
-    loops = Loops(stale_after=max(120.0, 3 * config.sink_timeout_seconds + 30), on_failure=stopping.set)
+    loops = Loops(stale_after=config.liveness_stall_seconds, on_failure=stopping.set)
     loops.add("intake", intake)
     loops.add("mqtt", link)
     for sender in senders:

@@ -336,6 +336,13 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_float,
     ),
     Setting(
+        "LIVENESS_STALL_SECONDS",
+        "A loop (intake, MQTT link, a sender) that has not come round for this long fails /liveness_check; "
+        "default max(120, 3 * SINK_TIMEOUT_SECONDS + 30), since one send may take SINK_TIMEOUT_SECONDS "
+        "(at least 10: the stats loop comes round every 5 s).",
+        parse=_between(_positive_float, 10, 86400),
+    ),
+    Setting(
         "SHUTDOWN_FLUSH_SECONDS",
         "On SIGTERM, the whole stop sequence's deadline (at most 25: Supervisor waits 28 s, App Engine 30 s); "
         "what the sinks could not take by then stays spooled.",
@@ -400,6 +407,7 @@ class Config:
     bigquery_append_rows: int
     setup_timeout_seconds: float
     sink_timeout_seconds: float
+    liveness_stall_seconds: float
     shutdown_flush_seconds: float
     sink_lag_warn_seconds: float
     stats_log_seconds: float
@@ -427,6 +435,8 @@ class Config:
             raise ConfigError(f"APP_ENV is required: one of {', '.join(ENVIRONMENTS)}")
         if values["listen_address"] is None:
             values["listen_address"] = listen_address(values["app_env"])
+        if values["liveness_stall_seconds"] is None:
+            values["liveness_stall_seconds"] = max(120.0, 3 * values["sink_timeout_seconds"] + 30)
         if values["mqtt_client_id"] is None:
             values["mqtt_client_id"] = f"fmi-mqtt-bridge-{values['app_env'].lower()}"
         if values["bigquery_rejects_table"] is None and values["bigquery_table"]:

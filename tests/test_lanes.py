@@ -356,3 +356,23 @@ def test_a_413_from_the_front_end_is_narrowed_down_like_a_400(
     rows = bq_query(cloud.bq, f"SELECT count(*) AS n FROM `{cloud.readings_table}`")[0]["n"]
     assert rows == len(big)  # each once: a 413 wrote nothing
     assert bridge.metric("fmi_bridge_sink_dead_lettered_total", 'sink="bigquery"') == 0
+
+
+def test_a_stalled_loop_fails_liveness_naming_it_and_recovers(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], bigquery_proxy: BigQueryProxy
+) -> None:
+    """A send that hangs (inside its deadline) holds its sender: past LIVENESS_STALL_SECONDS the platform is told,
+    by name, so App Engine can restart the instance; once the send returns, liveness is green again."""
+    bridge = start_bridge(
+        bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url,
+        SINK_TIMEOUT_SECONDS="60", LIVENESS_STALL_SECONDS="10",
+    )  # fmt: skip
+    assert bridge.status("/liveness_check") == (200, "ok\n")
+    bigquery_proxy.faults.latency_seconds = 25.0  # every insertAll hangs this long, within its 60 s deadline
+
+    publish(broker.port, readings(SITES, 5))
+
+    _, body = wait_until(lambda: (s := bridge.status("/liveness_check"))[0] == 503 and s, 30, "liveness 503")
+    assert "sender-bigquery/readings" in body
+    bigquery_proxy.faults.latency_seconds = 0.0
+    wait_until(lambda: bridge.status("/liveness_check") == (200, "ok\n"), 30, "liveness green again")
