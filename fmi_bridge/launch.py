@@ -11,6 +11,7 @@ kept running (Supervisor gave up on it: FATAL); otherwise supervisord's own (0 a
 from __future__ import annotations
 
 import configparser
+import ctypes
 import getpass
 import os
 import pwd
@@ -32,6 +33,7 @@ from fmi_bridge.secrets import SecretError, fetch_secrets
 from fmi_bridge.supervisor_watch import FATAL_MARKER
 
 APP_DIR = Path(__file__).resolve().parent.parent
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 BROKER_USER = "mosquitto"  # Debian's package makes it: Mosquitto warns when it keeps root's rights
 
 # The broker side of the container, declared like the subscriber's settings (the README lists both).
@@ -176,7 +178,10 @@ def supervise(supervisord: str, environ: dict[str, str], run_dir: Path) -> int:
     command = [supervisord, "-c", str(conf)]
     if os.getuid() == 0:
         command += ["--user", "root"]  # said explicitly: supervisord warns (CRIT) when root is only implied
-    child = subprocess.Popen(command, env=environ)
+    # A process group of its own: Ctrl-C in a terminal signals the whole foreground group, and supervisord
+    # would log a WARN for it; here only this launcher hears it, and stops supervisord over its socket. If the
+    # launcher itself is killed, the kernel tells supervisord (SIGTERM), so nothing is left running.
+    child = subprocess.Popen(command, env=environ, process_group=0, preexec_fn=_stop_with_parent)  # noqa: PLW1509 (the launcher runs no thread)
 
     def stop(received: int, frame: object) -> None:
         # Asked over its socket, supervisord stops everything as for a signal, without a WARN line for a stop
@@ -193,6 +198,11 @@ def supervise(supervisord: str, environ: dict[str, str], run_dir: Path) -> int:
         print(f"stopped: a program could not be kept running ({marker.read_text().strip()})", file=sys.stderr)
         return 1
     return code
+
+
+def _stop_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _supervisor_rpc(conf: Path, run_dir: Path) -> Any:

@@ -61,6 +61,7 @@ class Container:
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # a group of its own, as a terminal's foreground job (see the Ctrl-C test)
         )
         threading.Thread(target=self._copy_output, daemon=True).start()
 
@@ -170,7 +171,7 @@ def test_a_normal_start_and_stop_raise_no_alarm(container: Container) -> None:
     assert mosquitto_pub(container.mqtt_port, "FCTS/FAE/MOR/SolvExtract/PI.FT1", READING).returncode == 0
     wait_until(lambda: '"message": "reading"' in container.output(), 20, "the reading logged")
 
-    container.process.send_signal(signal.SIGINT)  # Ctrl-C
+    os.killpg(container.process.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
 
     assert container.process.wait(40) == 0
     output = container.output()
