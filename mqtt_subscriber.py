@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from fmi_bridge.loops import Loops
 from fmi_bridge.metrics import Metrics
 from fmi_bridge.mqtt_link import MqttLink
 from fmi_bridge.provision import SCHEMAS, SUBSCRIPTION_NAME, ProvisionError, provision, schema_gaps
+from fmi_bridge.readings import validate
 from fmi_bridge.replay import replay
 from fmi_bridge.senders import Sender
 from fmi_bridge.shutdown import stop_in_order
@@ -320,7 +322,13 @@ def run(config: Config, options: argparse.Namespace | None = None) -> int:
     link = MqttLink(config, metrics, inbox)
     senders = [Sender(sink, spool, metrics) for sink in sinks]
     intake = Intake(
-        spool, metrics, inbox, ack=link.ack_later, committed=lambda: wake(senders), log_rejects=config.bigquery_enabled
+        spool,
+        metrics,
+        inbox,
+        ack=link.ack_later,
+        committed=lambda: wake(senders),
+        validator=partial(validate, window=config.partition_window),
+        log_rejects=config.bigquery_enabled,
     )
     sink_bits = {sink.name: sink.bit for sink in sinks}
     stats = StatsReporter(

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fmi_bridge.partition_window import PartitionWindow
+
 ENVIRONMENTS = ("LOCAL", "DEV", "PPRD", "PRD")
 CLOUD_ENVIRONMENTS = ("DEV", "PPRD", "PRD")
 # `#`, not `+`, after SolvExtract: a topic one level too deep still arrives and becomes a `bad_topic` reject, so a
@@ -194,6 +196,20 @@ SETTINGS: tuple[Setting, ...] = (
         "dataset's location cannot be changed later, so provision names a mismatch.",
         "US",
     ),
+    Setting(
+        "BIGQUERY_PARTITION_DAYS_PAST",
+        "How many days before its arrival a reading's timestamp may lie; older is a `timestamp_out_of_window` "
+        "reject, as BigQuery refuses to stream into partitions older than its window (1825 days when last "
+        "documented; raise it only if Google widened your project's window).",
+        "1825",
+        _between(_int, 0, 3_652_058),
+    ),
+    Setting(
+        "BIGQUERY_PARTITION_DAYS_FUTURE",
+        "How many days after its arrival a reading's timestamp may lie (BigQuery's window: 366 days).",
+        "366",
+        _between(_int, 0, 3_652_058),
+    ),
     Setting("BIGQUERY_REJECTS_TABLE", "BigQuery table id for rejected messages; default `<BIGQUERY_TABLE>_rejected`."),
     Setting("MQTT_BROKER", "MQTT broker host name.", "localhost"),
     Setting("MQTT_PORT", "MQTT broker port (8883 is usual with TLS).", "1883", _port),
@@ -374,6 +390,8 @@ class Config:
     bigquery_table: str | None
     bigquery_rejects_table: str | None
     bigquery_location: str
+    bigquery_partition_days_past: int
+    bigquery_partition_days_future: int
     mqtt_broker: str
     mqtt_port: int
     mqtt_topic: tuple[str, ...]
@@ -459,6 +477,10 @@ class Config:
     @property
     def bigquery_enabled(self) -> bool:
         return self.app_env in CLOUD_ENVIRONMENTS or self.bigquery_emulator_host is not None
+
+    @property
+    def partition_window(self) -> PartitionWindow:
+        return PartitionWindow(self.bigquery_partition_days_past, self.bigquery_partition_days_future)
 
     @property
     def tls_enabled(self) -> bool:

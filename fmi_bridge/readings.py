@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from fmi_bridge.partition_window import PartitionWindow
 from fmi_bridge.pubsub_limits import MAX_ATTRIBUTE_VALUE_BYTES, MAX_ORDERING_KEY_BYTES, too_long
 
 MAX_PAYLOAD_BYTES = 64 * 1024
@@ -26,6 +27,7 @@ BAD_SITE_CODE = "bad_site_code"
 SITE_MISMATCH = "site_mismatch"
 BAD_SENSOR_ID = "bad_sensor_id"
 BAD_TIMESTAMP = "bad_timestamp"
+TIMESTAMP_OUT_OF_WINDOW = "timestamp_out_of_window"  # BigQuery would refuse it: fmi_bridge/partition_window.py
 BAD_VALUE = "bad_value"
 # The site becomes the Pub/Sub ordering key and an attribute, pi_tag an attribute: a topic level longer than
 # Pub/Sub takes is refused there for good, so it is a reject at intake (limits: fmi_bridge/pubsub_limits.py).
@@ -43,11 +45,13 @@ REASONS = (
     SITE_MISMATCH,
     BAD_SENSOR_ID,
     BAD_TIMESTAMP,
+    TIMESTAMP_OUT_OF_WINDOW,
     BAD_VALUE,
     SITE_CODE_TOO_LONG,
     PI_TAG_TOO_LONG,
     UNPROCESSABLE,
 )
+GOOGLE_WINDOW = PartitionWindow()
 REQUIRED_FIELDS = ("site_code", "sensor_id", "timestamp", "value")
 # ISO 8601 extended form with a zone of whole minutes (RFC 3339 and its common relatives); Python alone would
 # also take offsets with seconds and compact forms, which no sensor gateway sends on purpose.
@@ -209,8 +213,9 @@ def payload_text(payload: bytes) -> str:
     return payload[:MAX_PAYLOAD_BYTES].decode("utf-8", "backslashreplace")
 
 
-def validate(message: Inbound) -> Reading | Reject:
-    """Parse the topic and validate the payload; any problem becomes a Reject with a reason code."""
+def validate(message: Inbound, window: PartitionWindow = GOOGLE_WINDOW) -> Reading | Reject:
+    """Parse the topic and validate the payload; any problem becomes a Reject with a reason code. `window`:
+    the reading times BigQuery takes, relative to the message's arrival."""
     try:
         site, pi_tag = parse_topic(message.topic)
         document = _decode(message.payload)
@@ -219,6 +224,8 @@ def validate(message: Inbound) -> Reading | Reject:
             raise _RejectError(SITE_MISMATCH, f"site_code {site_code[:64]!r} differs from topic site {site[:64]!r}")
         sensor_id = _non_empty_string(document, "sensor_id", BAD_SENSOR_ID)
         timestamp = parse_timestamp(document["timestamp"])
+        if detail := window.refuses(timestamp, message.received_at):
+            raise _RejectError(TIMESTAMP_OUT_OF_WINDOW, detail)
         value = _finite_number(document["value"])
     except _RejectError as invalid:
         return Reject(invalid.reason, invalid.detail, message.topic, payload_text(message.payload), message.received_at)

@@ -21,6 +21,7 @@ from google.cloud import bigquery
 from fmi_bridge import cloud, sink_bigquery, sink_pubsub
 from fmi_bridge.config import Config
 from fmi_bridge.events import reading_row, rfc3339
+from fmi_bridge.partition_window import PartitionWindow
 from fmi_bridge.readings import Inbound, Reading, validate
 from fmi_bridge.sinks import BIGQUERY, PUBSUB
 from fmi_bridge.spool import READING, Spool, SpoolFullError, entry
@@ -63,7 +64,7 @@ def replay(
         result.matched += len(rows)
         waiting = [row for row in rows if not row["replayed"]]
         result.skipped += len(rows) - len(waiting)
-        valid = _valid_readings(waiting, still)
+        valid = _valid_readings(waiting, still, config.partition_window)
         if spool is None:
             result.replayed += len(valid)
             continue
@@ -80,12 +81,15 @@ def replay(
     return result
 
 
-def _valid_readings(rows: list[dict[str, Any]], still: Counter[str]) -> list[tuple[dict[str, Any], Reading]]:
+def _valid_readings(
+    rows: list[dict[str, Any]], still: Counter[str], window: PartitionWindow
+) -> list[tuple[dict[str, Any], Reading]]:
     """Each row's raw payload validated again, as it arrived; what stays invalid is counted by its reason."""
     valid = []
     for row in rows:
         received_at = row["received_at"].astimezone(UTC)
-        outcome = validate(Inbound(row["mqtt_topic"], row["payload"].encode("utf-8", "surrogatepass"), received_at))
+        raw = row["payload"].encode("utf-8", "surrogatepass")
+        outcome = validate(Inbound(row["mqtt_topic"], raw, received_at), window)
         if not isinstance(outcome, Reading):
             still[outcome.reason] += 1
         elif row["event_id"] and outcome.event_id != row["event_id"]:

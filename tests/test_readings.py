@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fmi_bridge import readings as r
+from fmi_bridge.partition_window import PartitionWindow
 from fmi_bridge.readings import Inbound, Reading, Reject, validate
 
 NOW = datetime(2026, 11, 22, tzinfo=UTC)
@@ -134,6 +135,46 @@ def test_timestamps_are_normalised_to_utc() -> None:
     assert outcome.timestamp == datetime(2026, 11, 20, 8, 15, 30, 250000, tzinfo=UTC)
 
 
+@pytest.mark.parametrize(
+    ("moment", "taken"),
+    [
+        ("2021-11-23T00:00:00Z", True),  # NOW (2026-11-22) less 1825 days: the window's first day
+        ("2021-11-22T23:59:59.999999Z", False),
+        ("2027-11-23T23:59:59.999999Z", True),  # NOW plus 366 days: its last day
+        ("2027-11-24T00:00:00Z", False),
+        ("2027-11-24T00:30:00+01:00", True),  # the 23rd in UTC: partitions are UTC days
+        ("1970-01-01T00:00:00Z", False),  # a sensor clock reset
+        ("2000-01-01T00:00:00Z", False),
+    ],
+)
+def test_a_time_bigquery_would_not_take_is_a_reject_with_its_own_reason(moment: str, taken: bool) -> None:
+    outcome = check(payload={**GOOD, "timestamp": moment})
+    if taken:
+        assert isinstance(outcome, Reading)
+        return
+    assert reason_of(outcome) == r.TIMESTAMP_OUT_OF_WINDOW
+    assert isinstance(outcome, Reject) and "1825 days back to 366 ahead" in outcome.detail
+    assert "BIGQUERY_PARTITION_DAYS_PAST" in outcome.detail
+
+
+def test_the_window_is_the_configured_one_and_the_whole_timestamp_range_parses_exactly() -> None:
+    narrow = PartitionWindow(days_past=1, days_future=0)
+    yesterday, ahead = "2026-11-21T00:00:00Z", "2026-11-23T00:00:00Z"
+    assert isinstance(
+        validate(Inbound(TOPIC, json.dumps({**GOOD, "timestamp": yesterday}).encode(), NOW), narrow), Reading
+    )
+    refused = validate(Inbound(TOPIC, json.dumps({**GOOD, "timestamp": ahead}).encode(), NOW), narrow)
+    assert reason_of(refused) == r.TIMESTAMP_OUT_OF_WINDOW
+    # A window as wide as a project could be granted: BigQuery's whole range, to the microsecond.
+    everything = PartitionWindow(days_past=3_652_058, days_future=3_652_058)
+    for moment, expected in [
+        ("0001-01-01T00:00:00Z", datetime(1, 1, 1, tzinfo=UTC)),
+        ("9999-12-31T23:59:59.999999Z", datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+    ]:
+        outcome = validate(Inbound(TOPIC, json.dumps({**GOOD, "timestamp": moment}).encode(), NOW), everything)
+        assert isinstance(outcome, Reading) and outcome.timestamp == expected
+
+
 def test_non_utf8_payload_is_kept_escaped_for_audit() -> None:
     outcome = check(payload=b'{"value": "\xff"}')
     assert isinstance(outcome, Reject) and outcome.payload == '{"value": "\\xff"}'
@@ -151,7 +192,8 @@ def test_redelivery_keeps_the_event_id_and_a_different_payload_changes_it() -> N
 level = st.text(st.characters(blacklist_characters="/+#\x00", blacklist_categories=("Cs",)), min_size=1, max_size=20)
 finite = st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(2**53), 2**53)
 zones = st.integers(-23 * 60, 23 * 60).map(lambda minutes: timezone(timedelta(minutes=minutes)))
-moments = st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2999, 1, 1), timezones=zones)
+# Inside BigQuery's partition window around NOW, a day's margin each side for the zones.
+moments = st.datetimes(min_value=datetime(2021, 11, 24), max_value=datetime(2027, 11, 22), timezones=zones)
 
 
 @given(
