@@ -273,6 +273,7 @@ def build_sinks(config: Config) -> list[Sink]:
                     instance=config.mqtt_client_id,
                     batch_size=config.bigquery_append_rows,
                     timeout=timeout,
+                    max_idle_seconds=config.bigquery_stream_max_idle_seconds,
                 )
                 for table, encoder in zip(tables, encoders, strict=True)
             ]

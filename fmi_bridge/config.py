@@ -340,6 +340,14 @@ SETTINGS: tuple[Setting, ...] = (
         _between(_int, 1, 10000),
     ),
     Setting(
+        "BIGQUERY_STREAM_MAX_IDLE_SECONDS",
+        "A Storage Write API stream no append has landed on for this long is replaced before the lane's next "
+        "append, when none is unsettled; Google expires a committed stream after four days without traffic "
+        "(1 to 345000).",
+        "259200",
+        _between(_positive_float, 1, 345_000),
+    ),
+    Setting(
         "SETUP_TIMEOUT_SECONDS",
         "How long check-config and provision wait for each endpoint before naming it as not answering.",
         "5",
@@ -423,6 +431,7 @@ class Config:
     bigquery_storage_emulator_host: str | None
     bigquery_batch_size: int
     bigquery_append_rows: int
+    bigquery_stream_max_idle_seconds: float
     setup_timeout_seconds: float
     sink_timeout_seconds: float
     liveness_stall_seconds: float

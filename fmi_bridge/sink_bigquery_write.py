@@ -3,16 +3,22 @@ instance, and **exactly once**: every record gets its offset in the stream in th
 chooses the batch, before the append. A resend (after a crash, a timeout, a lost answer) carries the same
 offsets, and the stream answers ALREADY_EXISTS for what it already holds: no row is ever written twice.
 
-Rules, per lane:
-- OK or ALREADY_EXISTS: the batch is in the table; settled.
+Rules, per lane (what a refusal means: fmi_bridge/bigquery_write_errors.py, the StorageError detail first):
+- OK: the batch is in the table; settled.
+- ALREADY_EXISTS: a send of this batch landed before. Whole, as a rule; but if a power cut took back the
+  offsets' assignment and the batch grew, only its first part: the stream's end is found within the batch and
+  the rest written there, so the batch is settled only once every row of it is in the stream.
 - Per-row errors (`row_errors`): the stream took none of the batch. The refused rows are dead-lettered (a
   refused reading goes to the rejects table, reason `bigquery_rejected`; a refused reject is logged and let
   go), and the rest get offsets again from the batch's first one.
-- The stream gone, finalized, or ahead of us (NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE): a new stream is
-  created and the batch is given offsets on it. Only here can a row be written twice: a batch that landed on a
-  stream that is then lost is sent once more.
-- Anything else (UNAVAILABLE, deadlines, INVALID_ARGUMENT for a whole append such as a schema mismatch, a
-  missing table or grant): the batch stays in the spool with its offsets and is sent again after a backoff.
+- The stream gone, expired, finalized, or behind our offsets (StorageError STREAM_NOT_FOUND, STREAM_FINALIZED,
+  INVALID_STREAM_STATE, …, OFFSET_OUT_OF_RANGE; without a detail NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE):
+  a new stream is created and the batch is given offsets on it. Only here can a row be written twice: a batch
+  that landed on a stream that is then lost is sent once more.
+- A stream unused for BIGQUERY_STREAM_MAX_IDLE_SECONDS is replaced before the next batch gets offsets, so it is
+  never met expired; with no append unsettled at that moment, the change writes nothing twice.
+- A table that lacks the rows' columns (SCHEMA_MISMATCH_EXTRA_FIELDS) or is missing: one ERROR line naming it and
+  `provision`, then the batch is retried with backoff, like anything else (UNAVAILABLE, deadlines, grants).
 Streams are reused across restarts (their names are in the spool), so CreateWriteStream's quota is not spent
 on every start.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,7 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud.bigquery_storage_v1 import types
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from fmi_bridge.bigquery_write_errors import OUT_OF_RANGE, Meaning, Refusal
 from fmi_bridge.events import dead_letter_row
 from fmi_bridge.sink_bigquery import DEAD_LETTER_REASON, REQUEST_BYTES, Destination
 from fmi_bridge.sinks import BIGQUERY, WriteResult, missing
@@ -36,9 +44,11 @@ from fmi_bridge.spool import READING, Record, Spool
 
 log = logging.getLogger(__name__)
 
-OK, NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, OUT_OF_RANGE = 0, 5, 6, 9, 11
-STREAM_LOST = (NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE)
-_STREAM_LOST_ERRORS = (api_exceptions.NotFound, api_exceptions.FailedPrecondition, api_exceptions.OutOfRange)
+OK = 0
+# "A committed stream has a TTL of four days if there is no traffic on the stream" (Write API, streaming into
+# committed streams): replaced a day before that, when the lane next has something to send.
+STREAM_MAX_IDLE_SECONDS = 3 * 86_400
+USE_SAVED_SECONDS = 60.0
 _FieldType = descriptor_pb2.FieldDescriptorProto
 PROTO_TYPES = {
     "STRING": _FieldType.TYPE_STRING,
@@ -103,6 +113,7 @@ class StorageWriteSink:
         instance: str,
         batch_size: int,
         timeout: float,
+        max_idle_seconds: float = STREAM_MAX_IDLE_SECONDS,
     ) -> None:
         self.client = client  # google.cloud.bigquery_storage_v1.BigQueryWriteClient
         self.destination = destination
@@ -111,9 +122,13 @@ class StorageWriteSink:
         self._stream_key = f"{instance}:{destination.table}"  # one stream per bridge instance and table
         self.batch_size = batch_size
         self.timeout = timeout
+        self.max_idle_seconds = max_idle_seconds
         project, dataset, table = destination.table.split(".")
         self._parent = f"projects/{project}/datasets/{dataset}/tables/{table}"
         self._stream: str | None = None
+        self._used_at: float | None = None  # wall-clock time of the last append that landed (it spans restarts)
+        self._used_saved: float | None = None
+        self._reported: str | None = None  # the operator's refusal last logged, so it is logged once per change
         self._spool: Spool | None = None  # the spool of the round in progress
 
     def owed(self, spool: Spool) -> int:
@@ -124,12 +139,22 @@ class StorageWriteSink:
         if self._stream is None:
             if not self.owed(spool):
                 return []  # a stream is opened only for something to send: CreateWriteStream has a quota
-            self._stream = spool.write_stream(self._stream_key) or self._new_stream(spool)
+            known = spool.write_stream(self._stream_key)
+            if known is None:
+                self._new_stream(spool, "first use")
+            else:
+                self._stream, self._used_at = known
+        if self._idle_too_long() and not spool.offsets_given(self.bit, self.destination.kind):
+            # Before it can expire, and only with no append unsettled: the change cannot write a row twice.
+            self._new_stream(spool, f"unused for more than {self.max_idle_seconds:.0f} s")
         return spool.offset_batch(
             self._stream_key, self.bit, self.destination.kind, self.batch_size, REQUEST_BYTES - 100 * self.batch_size
         )
 
-    def _new_stream(self, spool: Spool) -> str:
+    def _idle_too_long(self) -> bool:
+        return self._used_at is not None and time.time() - self._used_at > self.max_idle_seconds
+
+    def _new_stream(self, spool: Spool, why: str) -> None:
         try:
             stream = self.client.create_write_stream(
                 parent=self._parent,
@@ -139,40 +164,119 @@ class StorageWriteSink:
             ).name
         except api_exceptions.NotFound as exc:
             raise missing(f"BigQuery table {self.destination.table}") from exc
-        spool.start_write_stream(self._stream_key, stream, self.bit, self.destination.kind)
-        log.info("opened a BigQuery write stream", extra={"lane": self.lane, "stream": stream})
-        return str(stream)
+        now = time.time()
+        spool.start_write_stream(self._stream_key, stream, self.bit, self.destination.kind, now)
+        self._stream, self._used_at, self._used_saved = str(stream), now, now
+        log.info("opened a BigQuery write stream", extra={"lane": self.lane, "stream": stream, "why": why})
 
     def write(self, records: list[Record]) -> WriteResult:
         assert self._stream is not None and self._spool is not None and records[0].offset is not None
+        ids = [record.id for record in records]
+        try:
+            answer = self._append_at(records, records[0].offset)
+            if answer is None:
+                return self._landed(WriteResult(done=ids))
+            if not isinstance(answer, Refusal):
+                return self._refused_rows(records, answer.row_errors)
+            if answer.meaning is Meaning.WRITTEN:
+                return self._landed(self._settle_what_landed(records))
+            return self._after_refusal(ids, answer)
+        except Exception as exc:  # transient, or an operator's to fix: same batch, same offsets, later
+            return WriteResult(retry=ids, error=f"append to {self._stream} failed: {type(exc).__name__}: {exc}"[:400])
+
+    def _append_at(self, records: list[Record], offset: int) -> Refusal | Any | None:
+        """Append `records` at `offset`: None when the stream took them, a Refusal, or the response that
+        refuses rows (`row_errors`). A call that fails without a status raises."""
         request = types.AppendRowsRequest(
             write_stream=self._stream,  # on every request: the emulator, like a new connection, needs it
-            offset=records[0].offset,
+            offset=offset,
             proto_rows=types.AppendRowsRequest.ProtoData(
                 writer_schema=types.ProtoSchema(proto_descriptor=self.encoder.descriptor),
                 rows=types.ProtoRows(serialized_rows=[self.encoder.encode(record.row) for record in records]),
             ),
         )
-        ids = [record.id for record in records]
         try:
             response = self._append(request)
-        except _STREAM_LOST_ERRORS as exc:  # the service may answer with a status instead of an error response
-            code, message = exc.grpc_status_code.value[0] if exc.grpc_status_code else NOT_FOUND, str(exc)
-        except Exception as exc:  # transient, or an operator's to fix: same batch, same offsets, later
-            return WriteResult(retry=ids, error=f"append to {self._stream} failed: {type(exc).__name__}: {exc}"[:400])
-        else:
-            code, message = (response.error.code, response.error.message) if "error" in response else (OK, "")
-            if code in (OK, ALREADY_EXISTS) and not response.row_errors:
-                return WriteResult(done=ids)
-            if response.row_errors:
-                return self._refused_rows(records, response.row_errors)
-        if code in STREAM_LOST:
+        except api_exceptions.GoogleAPICallError as exc:  # the service may answer with a status, not a response
+            if exc.grpc_status_code is None:
+                raise
+            return Refusal.of(exc.grpc_status_code.value[0], str(exc.message), exc.details)
+        if response.row_errors:
+            return response
+        if "error" in response and response.error.code != OK:
+            return Refusal.of(response.error.code, response.error.message, response.error.details)
+        return None
+
+    def _settle_what_landed(self, records: list[Record]) -> WriteResult:
+        """ALREADY_EXISTS at the batch's first offset: a send of it landed before, whole or (if a power cut took
+        the offsets' assignment back and the batch grew) only a first part. The Write API best practices call
+        ALREADY_EXISTS safe to ignore for the rows it covers, not for the rest: the stream's end is found by
+        appending the batch's tail at offsets within it: ALREADY_EXISTS means the end lies beyond, OUT_OF_RANGE
+        before; the append that is taken writes exactly the rows still missing."""
+        first, count = records[0].offset, len(records)
+        assert first is not None
+        low, high, tail = 1, count - 1, count - 1  # the common case first: the whole batch had landed
+        while low <= high:
+            answer = self._append_at(records[tail:], first + tail)
+            if answer is None:
+                log.warning(
+                    "an earlier send had landed only part of a batch; the rest is written now",
+                    extra={"lane": self.lane, "stream": self._stream, "landed": tail, "written": count - tail},
+                )
+                return WriteResult(done=[record.id for record in records])
+            if not isinstance(answer, Refusal):  # a tail row refused: the landed part is settled, the tail is not
+                landed = WriteResult(done=[record.id for record in records[:tail]])
+                rest = self._refused_rows(records[tail:], answer.row_errors)
+                rest.done += landed.done
+                return rest
+            if answer.meaning is Meaning.WRITTEN:
+                low = tail + 1
+            elif answer.meaning is Meaning.BEYOND_END:
+                high = tail - 1
+            else:
+                return self._after_refusal([record.id for record in records], answer)
+            tail = (low + high) // 2
+        if low == count:
+            return WriteResult(done=[record.id for record in records])
+        # The stream answered both ways at one offset: it is not the stream the offsets were given on.
+        return self._after_refusal([record.id for record in records], Refusal(OUT_OF_RANGE, "inconsistent offsets"))
+
+    def _landed(self, result: WriteResult) -> WriteResult:
+        self._used_at = now = time.time()
+        if self._spool is not None and (self._used_saved is None or now - self._used_saved > USE_SAVED_SECONDS):
+            self._spool.write_stream_used(self._stream_key, now)  # a write a minute at most: it needs no precision
+            self._used_saved = now
+        return result
+
+    def _after_refusal(self, ids: list[int], refusal: Refusal) -> WriteResult:
+        assert self._spool is not None
+        meaning = refusal.meaning
+        error = f"append to {self._stream}: {refusal.describe()}"[:400]
+        if meaning in (Meaning.STREAM_GONE, Meaning.BEYOND_END):
             log.warning(
                 "BigQuery write stream lost; opening a new one",
-                extra={"lane": self.lane, "stream": self._stream, "error": message[:300]},
+                extra={"lane": self.lane, "stream": self._stream, "error": refusal.describe()[:300]},
             )
-            self._stream = self._new_stream(self._spool)
-        return WriteResult(retry=ids, error=f"append to {self._stream}: {code} {message}"[:400])
+            self._new_stream(self._spool, meaning.value)
+        elif meaning in (Meaning.SCHEMA, Meaning.TABLE_MISSING):
+            self._report(refusal, meaning)
+        return WriteResult(retry=ids, error=error)
+
+    def _report(self, refusal: Refusal, meaning: Meaning) -> None:
+        """A refusal only an operator can cure: one ERROR line saying what to do, once per change."""
+        said = refusal.describe()
+        if said == self._reported:
+            return
+        self._reported = said
+        log.error(
+            f"BigQuery refuses every append: {meaning.value}",
+            extra={
+                "lane": self.lane,
+                "table": self.destination.table,
+                "error": said[:300],
+                "action": "run `python mqtt_subscriber.py provision`: it creates the table and adds missing columns",
+            },
+        )
 
     def _append(self, request: Any) -> Any:
         """One append on a call of its own, closed once its answer is in: an open call holds a server worker."""

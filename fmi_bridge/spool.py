@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE TABLE IF NOT EXISTS write_streams (
     lane TEXT PRIMARY KEY,
     stream TEXT NOT NULL,
-    next_offset INTEGER NOT NULL
+    next_offset INTEGER NOT NULL,
+    used_at REAL
 );
 CREATE TABLE IF NOT EXISTS imports (
     fingerprint TEXT PRIMARY KEY,
@@ -215,6 +216,8 @@ class Spool:
         conn.executescript(_SCHEMA)
         if "write_offset" not in {column[1] for column in conn.execute("PRAGMA table_info(records)")}:
             conn.execute("ALTER TABLE records ADD COLUMN write_offset INTEGER")  # a spool made before it existed
+        if "used_at" not in {column[1] for column in conn.execute("PRAGMA table_info(write_streams)")}:
+            conn.execute("ALTER TABLE write_streams ADD COLUMN used_at REAL")  # unknown for older streams
         conn.execute("CREATE INDEX IF NOT EXISTS offsets_given ON records(kind, id) WHERE write_offset IS NOT NULL")
         for bit in _bits(self.reading_bits | self.reject_bits):
             conn.execute(f"CREATE INDEX IF NOT EXISTS pending_{bit} ON records(id) WHERE pending & {bit}")
@@ -512,14 +515,31 @@ class Spool:
 
     # -- write-stream offsets (exactly-once into BigQuery) -----------------------------------------------------
 
-    def write_stream(self, lane: str) -> str | None:
-        row = self._connection().execute("SELECT stream FROM write_streams WHERE lane = ?", (lane,)).fetchone()
-        return str(row[0]) if row else None
+    def write_stream(self, lane: str) -> tuple[str, float | None] | None:
+        """The lane's stream and when an append last landed on it (None: not known, a spool of an older version)."""
+        row = self._connection().execute("SELECT stream, used_at FROM write_streams WHERE lane = ?", (lane,)).fetchone()
+        return (str(row[0]), row[1]) if row else None
 
-    def start_write_stream(self, lane: str, stream: str, bit: int, kind: str) -> None:
+    def write_stream_used(self, lane: str, at: float) -> None:
+        with self._bookkeeping("recording a write stream's use") as conn:
+            conn.execute("UPDATE write_streams SET used_at = ? WHERE lane = ?", (at, lane))
+
+    def offsets_given(self, bit: int, kind: str) -> bool:
+        """Whether records of this lane hold stream offsets: an append not yet known to have landed."""
+        row = (
+            self._connection()
+            .execute(
+                f"SELECT 1 FROM records WHERE write_offset IS NOT NULL AND kind = ? AND pending & {int(bit)} LIMIT 1",
+                (kind,),
+            )
+            .fetchone()
+        )
+        return row is not None
+
+    def start_write_stream(self, lane: str, stream: str, bit: int, kind: str, at: float) -> None:
         """A new stream for the lane: offsets start at 0, and offsets given on an old stream are dropped."""
         with self._bookkeeping("recording a new write stream") as conn:
-            conn.execute("INSERT OR REPLACE INTO write_streams VALUES (?, ?, 0)", (lane, stream))
+            conn.execute("INSERT OR REPLACE INTO write_streams VALUES (?, ?, 0, ?)", (lane, stream, at))
             conn.execute(
                 "UPDATE records SET write_offset = NULL "
                 f"WHERE write_offset IS NOT NULL AND kind = ? AND pending & {int(bit)}",
