@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fmi_bridge.config import Config
 from fmi_bridge.provision import provision
+from tests.bigquery_write_conformance import WriteApiConformance, table_info_from
 from tests.pubsub_conformance import PubSubConformanceLayer
 from tests.pubsub_server import Faults, PubSubServer
 from tests.support import (
@@ -135,6 +137,28 @@ def bigquery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigQueryEmula
     emulator = BigQueryEmulator(tmp_path_factory.mktemp("bq"), PROJECT).start()
     yield emulator
     emulator.stop()
+
+
+@pytest.fixture
+def own_bigquery(tmp_path: Path) -> Iterator[BigQueryEmulator]:
+    """A BigQuery emulator of this test's own, for the Write API (the tests stop and start it)."""
+    emulator = BigQueryEmulator(tmp_path, PROJECT).start()
+    yield emulator
+    assert emulator.process is not None
+    emulator.process.send_signal(signal.SIGCONT)
+    emulator.stop()
+
+
+@pytest.fixture
+def write_api(request: pytest.FixtureRequest, own_bigquery: BigQueryEmulator) -> Iterator[WriteApiConformance]:
+    """The Storage Write API as Google's service takes it: the conformance layer in front of `own_bigquery`. A
+    refusal by one of its rules fails the test unless it is marked `bigquery_refusals` (it causes one on purpose)."""
+    layer = WriteApiConformance(own_bigquery.grpc_host, table_info_from(own_bigquery.client())).start()
+    yield layer
+    layer.stop()
+    refused = [f"{rule}: {detail}" for rule, detail in layer.refusals if rule != "injected"]
+    if refused and request.node.get_closest_marker("bigquery_refusals") is None:
+        pytest.fail("Google's BigQuery would have refused: " + "; ".join(refused[:3]))
 
 
 @dataclass

@@ -6,13 +6,13 @@ distinct ids."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.bigquery_write_proxy import WriteApiProxy
-from tests.conftest import PROJECT, PubSubEndpoint, make_cloud, start_bridge
+from tests.bigquery_write_conformance import WriteApiConformance
+from tests.conftest import PubSubEndpoint, make_cloud, start_bridge
 from tests.support import (
     BigQueryEmulator,
     Bridge,
@@ -30,19 +30,11 @@ from tests.test_spool_safety import fill, small_disk
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def own_bigquery(tmp_path: Path) -> Iterator[BigQueryEmulator]:
-    emulator = BigQueryEmulator(tmp_path, PROJECT).start()
-    yield emulator
-    assert emulator.process is not None
-    emulator.process.send_signal(signal.SIGCONT)
-    emulator.stop()
-
-
 def test_kill_9_between_append_and_settle_leaves_exactly_one_row_per_reading(
     broker: Broker,
     pubsub_endpoint: PubSubEndpoint,
     own_bigquery: BigQueryEmulator,
+    write_api: WriteApiConformance,
     bridges: Callable[..., Bridge],
     tmp_path: Path,
 ) -> None:
@@ -54,7 +46,7 @@ def test_kill_9_between_append_and_settle_leaves_exactly_one_row_per_reading(
             "SPOOL_DIR": str(spool),
             "SPOOL_MIN_FREE_BYTES": str(1024**2),
             "SINK_TIMEOUT_SECONDS": "2",
-            "BIGQUERY_STORAGE_EMULATOR_HOST": own_bigquery.grpc_host,
+            "BIGQUERY_STORAGE_EMULATOR_HOST": write_api.host,
         }
         bridge = start_bridge(bridges, cloud, broker, **env)
         first = readings(["S1", "S2"], 5)
@@ -95,10 +87,11 @@ def test_readings_and_rejects_go_through_their_write_streams(
     broker: Broker,
     pubsub_endpoint: PubSubEndpoint,
     own_bigquery: BigQueryEmulator,
+    write_api: WriteApiConformance,
     bridges: Callable[..., Bridge],
 ) -> None:
     cloud = make_cloud(pubsub_endpoint, own_bigquery)
-    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=own_bigquery.grpc_host)
+    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=write_api.host)
     good = readings(["S1", "S2", "S3"], 400)
     bad = [Published("FCTS/FAE/S1/SolvExtract/T", b"not json %d" % n) for n in range(30)]
 
@@ -121,29 +114,27 @@ def test_rows_the_write_api_refuses_go_to_the_rejects_table_and_the_rest_land_on
     broker: Broker,
     pubsub_endpoint: PubSubEndpoint,
     own_bigquery: BigQueryEmulator,
+    write_api: WriteApiConformance,
     bridges: Callable[..., Bridge],
 ) -> None:
     cloud = make_cloud(pubsub_endpoint, own_bigquery)
-    proxy = WriteApiProxy(own_bigquery.grpc_host, "readings", refuse=b"s-refused").start()
-    try:
-        bridge = start_bridge(bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=proxy.host)
-        first = readings(["S1", "S2"], 100)
-        refused = [reading(site, seq, sensor="s-refused") for seq in range(100, 105) for site in ("S1", "S2")]
-        later = readings(["S1", "S2"], 20, start=200)
-        good = first + later
+    write_api.refuse = b"s-refused"
+    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=write_api.host)
+    first = readings(["S1", "S2"], 100)
+    refused = [reading(site, seq, sensor="s-refused") for seq in range(100, 105) for site in ("S1", "S2")]
+    later = readings(["S1", "S2"], 20, start=200)
+    good = first + later
 
-        def settled(count: int) -> bool:
-            sent = bridge.metric("fmi_bridge_sink_sent_total", 'sink="bigquery"')
-            return sent >= count and bridge.metric("fmi_bridge_sink_owed_records", 'sink="bigquery"') == 0
+    def settled(count: int) -> bool:
+        sent = bridge.metric("fmi_bridge_sink_sent_total", 'sink="bigquery"')
+        return sent >= count and bridge.metric("fmi_bridge_sink_owed_records", 'sink="bigquery"') == 0
 
-        publish(broker.port, first[:100] + refused + first[100:])
-        wait_until(lambda: settled(len(first) + len(refused)), 60, "the first rows settled")
-        assert proxy.refused_appends >= 1
-        # The next batch must continue the stream where the re-offset batch ended: a gap would lose the stream.
-        publish(broker.port, later)
-        wait_until(lambda: settled(len(good) + len(refused)), 60, "the later rows settled")
-    finally:
-        proxy.stop()
+    publish(broker.port, first[:100] + refused + first[100:])
+    wait_until(lambda: settled(len(first) + len(refused)), 60, "the first rows settled")
+    assert len(write_api.refused("injected")) == len(refused)  # each refused row once, in one append
+    # The next batch must continue the stream where the re-offset batch ended: a gap would lose the stream.
+    publish(broker.port, later)
+    wait_until(lambda: settled(len(good) + len(refused)), 60, "the later rows settled")
     assert "write stream lost" not in bridge.output()
     # Counted rows, not distinct ids: the batches re-offset after a refusal must not have landed twice.
     rows = bq_query(cloud.bq, f"SELECT event_id FROM `{cloud.readings_table}`")
