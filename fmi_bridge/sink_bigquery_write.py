@@ -144,9 +144,10 @@ class StorageWriteSink:
                 self._new_stream(spool, "first use")
             else:
                 self._stream, self._used_at = known
-        if self._idle_too_long() and not spool.offsets_given(self.bit, self.destination.kind):
-            # Before it can expire, and only with no append unsettled: the change cannot write a row twice.
-            self._new_stream(spool, f"unused for more than {self.max_idle_seconds:.0f} s")
+        if self._idle_too_long() and self.owed(spool) and not spool.offsets_given(self.bit, self.destination.kind):
+            # Before it can expire, only for something to send (CreateWriteStream's quota), and only with no
+            # append unsettled: the change cannot write a row twice.
+            self._new_stream(spool, f"unused for more than {self.max_idle_seconds:g} s")
         return spool.offset_batch(
             self._stream_key, self.bit, self.destination.kind, self.batch_size, REQUEST_BYTES - 100 * self.batch_size
         )

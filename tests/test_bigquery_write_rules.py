@@ -1,0 +1,313 @@
+"""The Storage Write API as Google's BigQuery takes it: the conformance layer's rules shown refusing, and the
+bridge on each of them (a stream that expires, one replaced before it can, a table behind the release, a reading
+that has left the partition window, a batch only partly landed before a power cut)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.cloud import bigquery as bq
+from google.cloud.bigquery_storage_v1 import types
+
+from fmi_bridge import cloud as cloud_clients
+from fmi_bridge.bigquery_write_errors import Meaning, Refusal
+from fmi_bridge.config import Config
+from fmi_bridge.events import reading_row
+from fmi_bridge.partition_window import PartitionWindow
+from fmi_bridge.provision import SCHEMAS, provision, table_resource
+from fmi_bridge.readings import Inbound, Reading, validate
+from fmi_bridge.sink_bigquery_write import RowEncoder
+from fmi_bridge.sinks import BIGQUERY
+from fmi_bridge.spool import READING, entry
+from mqtt_subscriber import open_spool
+from tests.bigquery_write_conformance import REQUEST_LIMIT, WriteApiConformance
+from tests.conftest import PROJECT, Cloud, PubSubEndpoint, cloud_env, make_cloud, start_bridge
+from tests.support import (
+    BigQueryEmulator,
+    Bridge,
+    Broker,
+    Published,
+    bq_query,
+    expected_ids,
+    publish,
+    readings,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+ENCODER = RowEncoder(SCHEMAS / "bigquery_readings.json")
+
+
+def row_of(message: Published, received_at: datetime | None = None) -> dict[str, Any]:
+    outcome = validate(Inbound(message.topic, message.payload, received_at or datetime.now(UTC)))
+    assert isinstance(outcome, Reading), outcome
+    return reading_row(outcome)
+
+
+def append(client: Any, stream: str, rows: list[bytes], offset: int, encoder: RowEncoder = ENCODER) -> Any:
+    request = types.AppendRowsRequest(
+        write_stream=stream,
+        offset=offset,
+        proto_rows=types.AppendRowsRequest.ProtoData(
+            writer_schema=types.ProtoSchema(proto_descriptor=encoder.descriptor),
+            rows=types.ProtoRows(serialized_rows=rows),
+        ),
+    )
+    call = client.append_rows(iter([request]), retry=None, timeout=30)
+    try:
+        return next(iter(call))
+    finally:
+        call.cancel()
+
+
+def new_stream(client: Any, table: str) -> str:
+    project, dataset, name = table.split(".")
+    parent = f"projects/{project}/datasets/{dataset}/tables/{name}"
+    made = client.create_write_stream(
+        parent=parent, write_stream=types.WriteStream(type_=types.WriteStream.Type.COMMITTED), timeout=30
+    )
+    return str(made.name)
+
+
+def writer(write_api: WriteApiConformance, cloud: Cloud) -> Any:
+    return cloud_clients.bigquery_write_client(
+        Config.from_env({**cloud.env, "BIGQUERY_STORAGE_EMULATOR_HOST": write_api.host})
+    )
+
+
+def settled(bridge: Bridge, count: int) -> bool:
+    sent = bridge.metric("fmi_bridge_sink_sent_total", 'sink="bigquery"')
+    return sent >= count and bridge.metric("fmi_bridge_sink_owed_records", 'sink="bigquery"') == 0
+
+
+def row_count(cloud: Cloud) -> list[str]:
+    return sorted(row["event_id"] for row in bq_query(cloud.bq, f"SELECT event_id FROM `{cloud.readings_table}`"))
+
+
+# -- the layer's rules, each shown refusing -------------------------------------------------------------------
+
+
+@pytest.mark.bigquery_refusals
+def test_the_layer_refuses_what_bigquery_refuses_with_its_codes_and_details(
+    pubsub_endpoint: PubSubEndpoint, own_bigquery: BigQueryEmulator, write_api: WriteApiConformance, tmp_path: Path
+) -> None:
+    cloud = make_cloud(pubsub_endpoint, own_bigquery)
+    client = writer(write_api, cloud)
+    stream = new_stream(client, cloud.readings_table)
+    good = ENCODER.encode(row_of(readings(["S1"], 1)[0]))
+
+    # A writer schema with a field the table lacks: SCHEMA_MISMATCH_EXTRA_FIELDS, which the bridge reads.
+    resource = json.loads((SCHEMAS / "bigquery_readings.json").read_text())
+    resource["schema"]["fields"].append({"name": "unit", "type": "STRING", "mode": "NULLABLE"})
+    (tmp_path / "newer.json").write_text(json.dumps(resource))
+    newer = RowEncoder(tmp_path / "newer.json")
+    answer = append(client, stream, [newer.encode({**row_of(readings(["S1"], 1)[0]), "unit": "m3/h"})], 0, newer)
+    refusal = Refusal.of(answer.error.code, answer.error.message, answer.error.details)
+    assert refusal.code == 3 and refusal.meaning is Meaning.SCHEMA and "extra fields: unit" in refusal.describe()
+
+    # A row outside the partition window: a row error, and the stream takes none of the append.
+    old = Published(
+        "FCTS/FAE/S1/SolvExtract/T",
+        json.dumps({"site_code": "S1", "sensor_id": "s", "timestamp": "2000-01-01T00:00:00Z", "value": 1}).encode(),
+    )
+    wide = validate(Inbound(old.topic, old.payload, datetime.now(UTC)), PartitionWindow(100_000, 366))
+    assert isinstance(wide, Reading)
+    answer = append(client, stream, [good, ENCODER.encode(reading_row(wide))], 0)
+    assert [error.index for error in answer.row_errors] == [1]
+    assert "outside the allowed bounds" in answer.row_errors[0].message
+    assert append(client, stream, [good], 0).append_result.offset == 0  # offset 0 was still free
+
+    # The request size limit.
+    big = ENCODER.encode({**row_of(readings(["S1"], 1)[0]), "payload": "x" * (REQUEST_LIMIT + 1)})
+    assert append(client, stream, [big], 1).error.code == 3
+
+    # A stream without traffic for longer than its time to live: INVALID_ARGUMENT with STREAM_NOT_FOUND.
+    write_api.stream_ttl_seconds = 0.5
+    time.sleep(1)
+    answer = append(client, stream, [good], 1)
+    refusal = Refusal.of(answer.error.code, answer.error.message, answer.error.details)
+    assert refusal.code == 3 and refusal.meaning is Meaning.STREAM_GONE
+
+    assert [rule for rule, _ in write_api.refusals] == [
+        "writer schema fields",
+        "partition window",
+        "request size",
+        "stream time to live",
+    ]
+    assert row_count(cloud) == sorted(expected_ids(readings(["S1"], 1)))  # only the one good append
+    cloud.reader.close()
+
+
+# -- the bridge on each rule ----------------------------------------------------------------------------------
+
+
+@pytest.mark.bigquery_refusals
+def test_an_expired_stream_is_replaced_and_every_row_lands_once(
+    broker: Broker,
+    pubsub_endpoint: PubSubEndpoint,
+    own_bigquery: BigQueryEmulator,
+    write_api: WriteApiConformance,
+    bridges: Callable[..., Bridge],
+) -> None:
+    """The status code (INVALID_ARGUMENT) alone says "retry"; the StorageError detail says the stream is gone."""
+    cloud = make_cloud(pubsub_endpoint, own_bigquery)
+    write_api.stream_ttl_seconds = 2
+    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=write_api.host)
+    first, later = readings(["S1", "S2"], 10), readings(["S1", "S2"], 10, start=10)
+    publish(broker.port, first)
+    wait_until(lambda: settled(bridge, len(first)), 30, "the first rows")
+    time.sleep(3)  # the stream expires
+
+    publish(broker.port, later)
+
+    wait_until(lambda: settled(bridge, len(first + later)), 30, "the later rows on a new stream")
+    assert len(write_api.refused("stream time to live")) == 1
+    lost = [e for e in bridge.log_entries() if e.get("message") == "BigQuery write stream lost; opening a new one"]
+    assert len(lost) == 1 and "STREAM_NOT_FOUND" in lost[0]["error"]
+    assert row_count(cloud) == sorted(expected_ids(first + later))  # counted: none twice, none lost
+    cloud.reader.close()
+
+
+def test_an_idle_stream_is_replaced_before_it_can_expire(
+    broker: Broker,
+    pubsub_endpoint: PubSubEndpoint,
+    own_bigquery: BigQueryEmulator,
+    write_api: WriteApiConformance,
+    bridges: Callable[..., Bridge],
+) -> None:
+    """Not marked: a refusal by the layer (the stream met expired) fails this test."""
+    cloud = make_cloud(pubsub_endpoint, own_bigquery)
+    write_api.stream_ttl_seconds = 3
+    env = {"BIGQUERY_STORAGE_EMULATOR_HOST": write_api.host, "BIGQUERY_STREAM_MAX_IDLE_SECONDS": "1.5"}
+    bridge = start_bridge(bridges, cloud, broker, **env)
+    first, later = readings(["S1"], 5), readings(["S1"], 5, start=5)
+    publish(broker.port, first)
+    wait_until(lambda: settled(bridge, len(first)), 30, "the first rows")
+    time.sleep(4)  # longer than the layer's time to live; idle, the bridge makes no stream
+
+    publish(broker.port, later)
+
+    wait_until(lambda: settled(bridge, len(first + later)), 30, "the later rows")
+    opened = [e for e in bridge.log_entries() if e.get("message") == "opened a BigQuery write stream"]
+    assert [e["why"] for e in opened] == ["first use", "unused for more than 1.5 s"]
+    assert row_count(cloud) == sorted(expected_ids(first + later))
+    cloud.reader.close()
+
+
+@pytest.mark.bigquery_refusals
+def test_a_table_behind_the_release_is_named_once_and_provision_cures_it(
+    broker: Broker,
+    pubsub_endpoint: PubSubEndpoint,
+    own_bigquery: BigQueryEmulator,
+    write_api: WriteApiConformance,
+    bridges: Callable[..., Bridge],
+) -> None:
+    env = {**cloud_env(pubsub_endpoint, own_bigquery), "MQTT_PORT": str(broker.port)}
+    env["BIGQUERY_STORAGE_EMULATOR_HOST"] = write_api.host
+    config = Config.from_env(env)
+    client = own_bigquery.client()
+    client.create_dataset(f"{PROJECT}.{config.bigquery_dataset}")
+    older = table_resource(config, "readings", "bigquery_readings.json")
+    older["schema"]["fields"] = [f for f in older["schema"]["fields"] if f["name"] != "payload"]  # a release ago
+    client.create_table(bq.Table.from_api_repr(older))
+    client.create_table(bq.Table.from_api_repr(table_resource(config, "readings_rejected", "bigquery_rejects.json")))
+    bridge = bridges(env).start()
+    bridge.wait_ready()
+    messages = readings(["S1"], 20)
+    publish(broker.port, messages)
+
+    named = wait_until(
+        lambda: [e for e in bridge.log_entries() if e.get("message", "").startswith("BigQuery refuses every append")],
+        30,
+        "the refusal named",
+    )
+    wait_until(lambda: len(write_api.refused("writer schema fields")) >= 3, 30, "retried with backoff")
+    assert len(named) == 1  # once, however often the append is retried
+    assert named[0]["severity"] == "ERROR" and "extra fields: payload" in named[0]["error"]
+    assert "provision" in named[0]["action"]
+
+    provision(config)
+
+    wait_until(lambda: settled(bridge, len(messages)), 60, "the rows, once the table has the column")
+    rows = bq_query(client, f"SELECT event_id, payload FROM `{PROJECT}.{config.bigquery_dataset}.readings`")
+    assert sorted(row["event_id"] for row in rows) == sorted(expected_ids(messages))
+    assert all(row["payload"] for row in rows)
+
+
+@pytest.mark.bigquery_refusals
+def test_a_reading_that_left_the_partition_window_is_dead_lettered_and_the_lane_goes_on(
+    broker: Broker,
+    pubsub_endpoint: PubSubEndpoint,
+    own_bigquery: BigQueryEmulator,
+    write_api: WriteApiConformance,
+    bridges: Callable[..., Bridge],
+) -> None:
+    """A window wider than the service's (as if the reading had aged in the spool): BigQuery refuses that row
+    alone; it goes to the rejects table, and the readings around it land."""
+    cloud = make_cloud(pubsub_endpoint, own_bigquery)
+    env = {"BIGQUERY_STORAGE_EMULATOR_HOST": write_api.host, "BIGQUERY_PARTITION_DAYS_PAST": "4000"}
+    bridge = start_bridge(bridges, cloud, broker, **env)
+    stale_day = (datetime.now(UTC) - timedelta(days=2000)).strftime("%Y-%m-%dT00:00:00Z")
+    stale = Published(
+        "FCTS/FAE/S1/SolvExtract/T",
+        json.dumps({"site_code": "S1", "sensor_id": "s", "timestamp": stale_day, "value": 1}).encode(),
+    )
+    good = readings(["S1", "S2"], 30)
+
+    publish(broker.port, [*good[:30], stale, *good[30:]])
+
+    wait_until(lambda: settled(bridge, len(good) + 1), 60, "every row settled")
+    assert len(write_api.refused("partition window")) == 1
+    assert row_count(cloud) == sorted(expected_ids(good))
+    rejects = bq_query(cloud.bq, f"SELECT event_id, reason, detail FROM `{cloud.rejects_table}`")
+    assert [(row["event_id"], row["reason"]) for row in rejects] == [(*expected_ids([stale]), "bigquery_rejected")]
+    assert "outside the allowed bounds" in rejects[0]["detail"]
+    assert cloud.reader.wait_for(len(good) + 1, timeout=30) == expected_ids([*good, stale])  # Pub/Sub had it
+    cloud.reader.close()
+
+
+def test_a_batch_only_partly_landed_before_a_power_cut_is_completed_not_settled_short(
+    broker: Broker,
+    pubsub_endpoint: PubSubEndpoint,
+    own_bigquery: BigQueryEmulator,
+    write_api: WriteApiConformance,
+    bridges: Callable[..., Bridge],
+    tmp_path: Path,
+) -> None:
+    """The spool as a power cut can leave it: an append of the first 10 records landed at offsets 0-9, but the
+    assignment of those offsets was rolled back, so all 20 records are owed from offset 0 on the same stream.
+    The resend of 20 at offset 0 is answered ALREADY_EXISTS; settling all 20 on it would lose rows 10-19."""
+    cloud = make_cloud(pubsub_endpoint, own_bigquery)
+    env = {
+        **cloud.env,
+        "MQTT_PORT": str(broker.port),
+        "BIGQUERY_STORAGE_EMULATOR_HOST": write_api.host,
+        "SPOOL_DIR": str(tmp_path / "spool"),
+    }
+    config = Config.from_env(env)
+    messages = readings(["S1"], 20)
+    rows = [row_of(message) for message in messages]
+    client = writer(write_api, cloud)
+    stream = new_stream(client, cloud.readings_table)
+    landed = append(client, stream, [ENCODER.encode(row) for row in rows[:10]], 0)
+    assert landed.append_result.offset == 0 and not landed.row_errors
+
+    spool = open_spool(config)
+    spool.append([entry(READING, row["site_code"], row) for row in rows])
+    spool.start_write_stream(f"{config.mqtt_client_id}:{cloud.readings_table}", stream, BIGQUERY, READING, time.time())
+    spool.release()
+
+    bridge = bridges(env).start()
+    wait_until(lambda: settled(bridge, len(messages)), 60, "the batch settled")
+
+    assert row_count(cloud) == sorted(expected_ids(messages))  # 20 rows, each once
+    completed = [e for e in bridge.log_entries() if e.get("message", "").startswith("an earlier send had landed")]
+    assert [(e["landed"], e["written"]) for e in completed] == [(10, 10)]
+    cloud.reader.close()
