@@ -274,6 +274,7 @@ def build_sinks(config: Config) -> list[Sink]:
                     batch_size=config.bigquery_append_rows,
                     timeout=timeout,
                     max_idle_seconds=config.bigquery_stream_max_idle_seconds,
+                    in_flight=config.bigquery_appends_in_flight,
                 )
                 for table, encoder in zip(tables, encoders, strict=True)
             ]

@@ -340,6 +340,13 @@ SETTINGS: tuple[Setting, ...] = (
         _between(_int, 1, 10000),
     ),
     Setting(
+        "BIGQUERY_APPENDS_IN_FLIGHT",
+        "Storage Write API appends a lane sends on its connection before it awaits the first answer, so a round "
+        "trip is not paid per append (1 to 16).",
+        "4",
+        _between(_int, 1, 16),
+    ),
+    Setting(
         "BIGQUERY_STREAM_MAX_IDLE_SECONDS",
         "A Storage Write API stream no append has landed on for this long is replaced before the lane's next "
         "append, when none is unsettled; Google expires a committed stream after four days without traffic "
@@ -432,6 +439,7 @@ class Config:
     bigquery_batch_size: int
     bigquery_append_rows: int
     bigquery_stream_max_idle_seconds: float
+    bigquery_appends_in_flight: int
     setup_timeout_seconds: float
     sink_timeout_seconds: float
     liveness_stall_seconds: float

@@ -36,7 +36,8 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud.bigquery_storage_v1 import types
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from fmi_bridge.bigquery_write_errors import OUT_OF_RANGE, Meaning, Refusal
+from fmi_bridge.bigquery_append_connection import AppendConnection
+from fmi_bridge.bigquery_write_errors import Meaning, Refusal
 from fmi_bridge.events import dead_letter_row
 from fmi_bridge.sink_bigquery import DEAD_LETTER_REASON, REQUEST_BYTES, Destination
 from fmi_bridge.sinks import BIGQUERY, WriteResult, missing
@@ -49,6 +50,9 @@ OK = 0
 # committed streams): replaced a day before that, when the lane next has something to send.
 STREAM_MAX_IDLE_SECONDS = 3 * 86_400
 USE_SAVED_SECONDS = 60.0
+# Rows of one append: the Write API's request limit is 10 MB ("AppendRows request size", BigQuery quotas; the
+# client's docstring says 20 MB), less room for the stream name, the writer schema and framing.
+APPEND_ROW_BYTES = REQUEST_BYTES - 64 * 1024
 _FieldType = descriptor_pb2.FieldDescriptorProto
 PROTO_TYPES = {
     "STRING": _FieldType.TYPE_STRING,
@@ -114,6 +118,7 @@ class StorageWriteSink:
         batch_size: int,
         timeout: float,
         max_idle_seconds: float = STREAM_MAX_IDLE_SECONDS,
+        in_flight: int = 4,
     ) -> None:
         self.client = client  # google.cloud.bigquery_storage_v1.BigQueryWriteClient
         self.destination = destination
@@ -123,6 +128,7 @@ class StorageWriteSink:
         self.batch_size = batch_size
         self.timeout = timeout
         self.max_idle_seconds = max_idle_seconds
+        self.in_flight = in_flight  # appends sent before the first answer is awaited
         project, dataset, table = destination.table.split(".")
         self._parent = f"projects/{project}/datasets/{dataset}/tables/{table}"
         self._stream: str | None = None
@@ -130,6 +136,7 @@ class StorageWriteSink:
         self._used_saved: float | None = None
         self._reported: str | None = None  # the operator's refusal last logged, so it is logged once per change
         self._spool: Spool | None = None  # the spool of the round in progress
+        self._connection = AppendConnection(client, timeout)
 
     def owed(self, spool: Spool) -> int:
         return spool.count_pending(self.bit, self.destination.kind)
@@ -149,7 +156,11 @@ class StorageWriteSink:
             # append unsettled: the change cannot write a row twice.
             self._new_stream(spool, f"unused for more than {self.max_idle_seconds:g} s")
         return spool.offset_batch(
-            self._stream_key, self.bit, self.destination.kind, self.batch_size, REQUEST_BYTES - 100 * self.batch_size
+            self._stream_key,
+            self.bit,
+            self.destination.kind,
+            self.batch_size * self.in_flight,
+            (REQUEST_BYTES - 100 * self.batch_size) * self.in_flight,
         )
 
     def _idle_too_long(self) -> bool:
@@ -165,6 +176,7 @@ class StorageWriteSink:
             ).name
         except api_exceptions.NotFound as exc:
             raise missing(f"BigQuery table {self.destination.table}") from exc
+        self._connection.close()  # a connection is opened for one stream: the next append opens one for the new
         now = time.time()
         spool.start_write_stream(self._stream_key, stream, self.bit, self.destination.kind, now)
         self._stream, self._used_at, self._used_saved = str(stream), now, now
@@ -172,75 +184,104 @@ class StorageWriteSink:
 
     def write(self, records: list[Record]) -> WriteResult:
         assert self._stream is not None and self._spool is not None and records[0].offset is not None
-        ids = [record.id for record in records]
         try:
-            answer = self._append_at(records, records[0].offset)
-            if answer is None:
-                return self._landed(WriteResult(done=ids))
-            if not isinstance(answer, Refusal):
-                return self._refused_rows(records, answer.row_errors)
-            if answer.meaning is Meaning.WRITTEN:
-                return self._landed(self._settle_what_landed(records))
-            return self._after_refusal(ids, answer)
-        except Exception as exc:  # transient, or an operator's to fix: same batch, same offsets, later
-            return WriteResult(retry=ids, error=f"append to {self._stream} failed: {type(exc).__name__}: {exc}"[:400])
+            return self._landed(self._send(records, probe=True))
+        except Exception as exc:  # transient, or an operator's to fix: same records, same offsets, later
+            error = f"append to {self._stream} failed: {type(exc).__name__}: {exc}"[:400]
+            return WriteResult(retry=[record.id for record in records], error=error)
 
-    def _append_at(self, records: list[Record], offset: int) -> Refusal | Any | None:
-        """Append `records` at `offset`: None when the stream took them, a Refusal, or the response that
-        refuses rows (`row_errors`). A call that fails without a status raises."""
-        request = types.AppendRowsRequest(
-            write_stream=self._stream,  # on every request: the emulator, like a new connection, needs it
+    def _send(self, records: list[Record], *, probe: bool) -> WriteResult:
+        """The records as appends of at most `batch_size` rows and REQUEST_BYTES, all in flight on the open
+        connection at once. Answers are taken in order: an append is settled only when every earlier one is,
+        and from the first that is not taken on, the rest are handled together (they never landed, or they
+        are found out by their offsets)."""
+        chunks = self._chunks(records)
+        answers = self._connection.exchange([request for request, _ in chunks])
+        result, start = WriteResult(), 0
+        for (_, size), answer in zip(chunks, answers, strict=True):
+            outcome = _outcome(answer)
+            if outcome is None:
+                result.done += [record.id for record in records[start : start + size]]
+                start += size
+                continue
+            rest = records[start:]
+            if isinstance(outcome, BaseException):
+                error = f"append to {self._stream} failed: {type(outcome).__name__}: {outcome}"[:400]
+                later = WriteResult(retry=[record.id for record in rest], error=error)
+            elif not isinstance(outcome, Refusal):
+                later = self._refused_rows(rest, outcome.row_errors)
+            elif outcome.meaning is Meaning.WRITTEN and probe:
+                later = self._settle_what_landed(rest)
+            else:
+                later = self._after_refusal([record.id for record in rest], outcome)
+            later.done += result.done
+            return later
+        return result
+
+    def _chunks(self, records: list[Record]) -> list[tuple[Any, int]]:
+        """(AppendRowsRequest, how many records it holds), in offset order."""
+        chunks: list[tuple[Any, int]] = []
+        rows: list[bytes] = []
+        size = 0
+        for record in records:
+            row = self.encoder.encode(record.row)
+            if rows and (len(rows) == self.batch_size or size + len(row) > APPEND_ROW_BYTES):
+                chunks.append((self._request(rows, records[sum(n for _, n in chunks)].offset), len(rows)))
+                rows, size = [], 0
+            rows.append(row)
+            size += len(row) + 3  # a row's tag and length in ProtoRows
+        chunks.append((self._request(rows, records[sum(n for _, n in chunks)].offset), len(rows)))
+        return chunks
+
+    def _request(self, rows: list[bytes], offset: int | None) -> Any:
+        return types.AppendRowsRequest(
+            # Stream and schema on every request: the emulator needs them; for the service they are needed on a
+            # connection's first request and allowed, unchanged, on the others (AppendRowsRequest docstring).
+            write_stream=self._stream,
             offset=offset,
             proto_rows=types.AppendRowsRequest.ProtoData(
                 writer_schema=types.ProtoSchema(proto_descriptor=self.encoder.descriptor),
-                rows=types.ProtoRows(serialized_rows=[self.encoder.encode(record.row) for record in records]),
+                rows=types.ProtoRows(serialized_rows=rows),
             ),
         )
-        try:
-            response = self._append(request)
-        except api_exceptions.GoogleAPICallError as exc:  # the service may answer with a status, not a response
-            if exc.grpc_status_code is None:
-                raise
-            return Refusal.of(exc.grpc_status_code.value[0], str(exc.message), exc.details)
-        if response.row_errors:
-            return response
-        if "error" in response and response.error.code != OK:
-            return Refusal.of(response.error.code, response.error.message, response.error.details)
-        return None
 
     def _settle_what_landed(self, records: list[Record]) -> WriteResult:
-        """ALREADY_EXISTS at the batch's first offset: a send of it landed before, whole or (if a power cut took
-        the offsets' assignment back and the batch grew) only a first part. The Write API best practices call
-        ALREADY_EXISTS safe to ignore for the rows it covers, not for the rest: the stream's end is found by
-        appending the batch's tail at offsets within it: ALREADY_EXISTS means the end lies beyond, OUT_OF_RANGE
-        before; the append that is taken writes exactly the rows still missing."""
-        first, count = records[0].offset, len(records)
+        """ALREADY_EXISTS at the records' first offset: a send of them landed before, whole or (if a power cut
+        took the offsets' assignment back and the batch grew) only a first part. The Write API best practices
+        call ALREADY_EXISTS safe to ignore for the rows it covers, not for the rest. The stream's end is found by
+        appending single records at offsets within them (ALREADY_EXISTS: the end lies beyond; OUT_OF_RANGE:
+        before; taken: there), the records before it are settled and the rest sent on from it."""
+        first = records[0].offset
         assert first is not None
-        low, high, tail = 1, count - 1, count - 1  # the common case first: the whole batch had landed
+        low, high, probe = 1, len(records) - 1, len(records) - 1  # the common case first: all had landed
+        taken = False
         while low <= high:
-            answer = self._append_at(records[tail:], first + tail)
-            if answer is None:
-                log.warning(
-                    "an earlier send had landed only part of a batch; the rest is written now",
-                    extra={"lane": self.lane, "stream": self._stream, "landed": tail, "written": count - tail},
-                )
-                return WriteResult(done=[record.id for record in records])
-            if not isinstance(answer, Refusal):  # a tail row refused: the landed part is settled, the tail is not
-                landed = WriteResult(done=[record.id for record in records[:tail]])
-                rest = self._refused_rows(records[tail:], answer.row_errors)
-                rest.done += landed.done
-                return rest
-            if answer.meaning is Meaning.WRITTEN:
-                low = tail + 1
-            elif answer.meaning is Meaning.BEYOND_END:
-                high = tail - 1
+            [answer] = self._connection.exchange(
+                [self._request([self.encoder.encode(records[probe].row)], first + probe)]
+            )
+            outcome = _outcome(answer)
+            if outcome is None:  # the end was there: that record is written now, the rest follow it
+                low, taken = probe, True
+                break
+            if isinstance(outcome, BaseException):
+                raise outcome  # write() keeps every record with its offset, for the next round
+            if isinstance(outcome, Refusal) and outcome.meaning is Meaning.WRITTEN:
+                low = probe + 1
+            elif not isinstance(outcome, Refusal) or outcome.meaning is Meaning.BEYOND_END:
+                high = probe - 1  # a refused row was not written either: the end is at most there
             else:
-                return self._after_refusal([record.id for record in records], answer)
-            tail = (low + high) // 2
-        if low == count:
-            return WriteResult(done=[record.id for record in records])
-        # The stream answered both ways at one offset: it is not the stream the offsets were given on.
-        return self._after_refusal([record.id for record in records], Refusal(OUT_OF_RANGE, "inconsistent offsets"))
+                return self._after_refusal([record.id for record in records], outcome)
+            probe = (low + high) // 2
+        # The stream ended at records[low] before the probes; a probe that was taken wrote that one.
+        rest = records[low + taken :]
+        if low < len(records):
+            log.warning(
+                "an earlier send had landed only part of a batch; the rest is written now",
+                extra={"lane": self.lane, "stream": self._stream, "landed": low, "written": len(records) - low},
+            )
+        result = self._send(rest, probe=False) if rest else WriteResult()
+        result.done += [record.id for record in records[: len(records) - len(rest)]]
+        return result
 
     def _landed(self, result: WriteResult) -> WriteResult:
         self._used_at = now = time.time()
@@ -279,14 +320,6 @@ class StorageWriteSink:
             },
         )
 
-    def _append(self, request: Any) -> Any:
-        """One append on a call of its own, closed once its answer is in: an open call holds a server worker."""
-        call = self.client.append_rows(iter([request]), retry=None, timeout=self.timeout)
-        try:
-            return next(iter(call))
-        finally:
-            call.cancel()
-
     def _refused_rows(self, records: list[Record], row_errors: Any) -> WriteResult:
         refused = {error.index: error.message for error in row_errors}
         result = WriteResult()
@@ -310,4 +343,17 @@ class StorageWriteSink:
         return result
 
     def close(self) -> None:
+        self._connection.close()
         self.client.transport.close()
+
+
+def _outcome(answer: Any) -> Refusal | BaseException | Any | None:
+    """None when the stream took the append; a Refusal; the response refusing rows (`row_errors`); or the
+    exception that left it unanswered."""
+    if isinstance(answer, api_exceptions.GoogleAPICallError) and answer.grpc_status_code is not None:
+        return Refusal.of(answer.grpc_status_code.value[0], str(answer.message), answer.details)
+    if isinstance(answer, BaseException) or answer.row_errors:
+        return answer
+    if "error" in answer and answer.error.code != OK:
+        return Refusal.of(answer.error.code, answer.error.message, answer.error.details)
+    return None

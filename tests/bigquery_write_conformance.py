@@ -19,6 +19,8 @@ Appends it refuses are not passed on, so the emulator's table holds exactly what
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +38,7 @@ SERVICE = "google.cloud.bigquery.storage.v1.BigQueryWrite"
 UNARY_METHODS = ("GetWriteStream", "FinalizeWriteStream", "BatchCommitWriteStreams", "FlushRows")
 REQUEST_LIMIT = 10 * 1024 * 1024
 TTL_SECONDS = 4 * 86_400
+IDLE_CLOSE_SECONDS = 600.0
 WINDOW_DAYS = (1825, 366)
 _Request = types.AppendRowsRequest.pb()
 _Response = types.AppendRowsResponse.pb()
@@ -68,8 +71,13 @@ class WriteApiConformance:
     window_days: tuple[int, int] = WINDOW_DAYS
     refuse: bytes | None = None  # fault injection: rows of `refuse_table` containing these bytes are refused
     refuse_table: str = "readings"
+    idle_close_seconds: float = IDLE_CLOSE_SECONDS
+    round_trip_seconds: float = 0.0  # latency model: each append answered no sooner than this after it was sent
+    connect_seconds: float = 0.0  # latency model: what opening an AppendRows connection costs
     refusals: list[tuple[str, str]] = field(default_factory=list)  # (rule, detail)
     passed_appends: int = 0
+    connections: int = 0  # AppendRows calls opened
+    idle_closed: int = 0  # connections the layer closed for idleness
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -79,6 +87,7 @@ class WriteApiConformance:
         self._upstream = threading.Lock()
         self._used: dict[str, float] = {}  # stream -> last time the layer saw it made or used
         self._row_classes: dict[bytes, Any] = {}
+        self._tables: dict[str, tuple[float, TableInfo]] = {}  # path -> (read at, info); under _upstream
         self._channel = grpc.insecure_channel(self.upstream)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=8), options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)]
@@ -116,11 +125,36 @@ class WriteApiConformance:
 
     def _append_rows(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         forward = self._channel.stream_stream(f"/{SERVICE}/AppendRows", _same, _same)
-        for raw in requests:
+        with self._lock:
+            self.connections += 1
+        time.sleep(self.connect_seconds)
+        arrivals: queue.SimpleQueue[tuple[bytes, float] | None] = queue.SimpleQueue()
+
+        def receive() -> None:  # stamps each append as it comes, so appends in flight share a round trip
+            with contextlib.suppress(Exception):  # the bridge cancelled the call
+                for raw in requests:
+                    arrivals.put((raw, time.monotonic() + self.round_trip_seconds))
+            arrivals.put(None)
+
+        threading.Thread(target=receive, daemon=True).start()
+        while True:
+            try:
+                arrival = arrivals.get(timeout=self.idle_close_seconds)
+            except queue.Empty:
+                # Write API: "Closing the stream because it has been inactive for 600 seconds" (ABORTED),
+                # googleapis/nodejs-bigquery-storage#427.
+                with self._lock:
+                    self.idle_closed += 1
+                inactive = f"Closing the stream because it has been inactive for {self.idle_close_seconds:g} seconds"
+                context.abort(grpc.StatusCode.ABORTED, inactive)
+            if arrival is None:
+                return
+            raw, due = arrival
+            time.sleep(max(0.0, due - time.monotonic()))
             with self._upstream:
                 refusal = self._check(raw, _Request.FromString(raw))
                 if refusal is None:
-                    # One upstream call per request: the bridge sends one append a call, with schema and stream.
+                    # Each append upstream on a call of its own: the bridge's connection ends here, at the layer.
                     try:
                         call = forward(iter([raw]), metadata=context.invocation_metadata())
                         answers = [bytes(answer) for answer in call]
@@ -154,7 +188,7 @@ class WriteApiConformance:
             status = storage_error_status(code_pb2.INVALID_ARGUMENT, _StorageCode.STREAM_NOT_FOUND, stream, message)
             return self._refuse("stream time to live", message, _Response(error=status))
         table = stream.split("/streams/")[0]
-        info = self.table_info(table)
+        info = self._table(table)
         row_class = self._row_class(request.proto_rows.writer_schema.proto_descriptor)
         extra = sorted({f.name for f in row_class.DESCRIPTOR.fields} - info.columns)
         if extra:
@@ -171,6 +205,14 @@ class WriteApiConformance:
             status = _status(code_pb2.INVALID_ARGUMENT, "Errors found in rows")
             return _Response(error=status, row_errors=row_errors)
         return None
+
+    def _table(self, path: str) -> TableInfo:
+        """The table as BigQuery has it, read again at most every second (a schema change shows within one)."""
+        known = self._tables.get(path)
+        if known is None or time.monotonic() - known[0] > 1.0:
+            known = (time.monotonic(), self.table_info(path))
+            self._tables[path] = known
+        return known[1]
 
     def _row_errors(self, rows: Any, row_class: Any, partition_field: str | None, refuse: bytes | None) -> list[Any]:
         errors = []

@@ -156,6 +156,7 @@ class PubSubConformanceLayer:
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
+        self.round_trip_seconds = 0.0  # latency model (the benchmark): added to every Publish
         self.refusals: list[str] = []  # rule names, in the order refused
         self.requests = 0  # Publish requests seen
         self.keys_per_request: list[int] = []
@@ -176,6 +177,7 @@ class PubSubConformanceLayer:
 
         def handle(raw: bytes, context: grpc.ServicerContext) -> bytes:
             if check:
+                time.sleep(self.round_trip_seconds)
                 refused = self.refusal(_Request.FromString(raw))
                 if refused is not None:
                     context.abort(refused.code, refused.message)

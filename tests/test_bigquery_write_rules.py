@@ -311,3 +311,33 @@ def test_a_batch_only_partly_landed_before_a_power_cut_is_completed_not_settled_
     completed = [e for e in bridge.log_entries() if e.get("message", "").startswith("an earlier send had landed")]
     assert [(e["landed"], e["written"]) for e in completed] == [(10, 10)]
     cloud.reader.close()
+
+
+# -- the connection ----------------------------------------------------------------------------------------------
+
+
+def test_appends_share_one_connection_which_is_reopened_after_the_service_closes_it_idle(
+    broker: Broker,
+    pubsub_endpoint: PubSubEndpoint,
+    own_bigquery: BigQueryEmulator,
+    write_api: WriteApiConformance,
+    bridges: Callable[..., Bridge],
+) -> None:
+    cloud = make_cloud(pubsub_endpoint, own_bigquery)
+    write_api.idle_close_seconds = 1.5
+    bridge = start_bridge(
+        bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=write_api.host, BIGQUERY_APPEND_ROWS="50"
+    )
+    first, later = readings(["S1", "S2"], 500), readings(["S1", "S2"], 20, start=500)
+    publish(broker.port, first)
+    wait_until(lambda: settled(bridge, len(first)), 60, "the first rows")
+    assert write_api.connections == 1 and write_api.passed_appends >= len(first) // 50  # many appends, one connection
+
+    wait_until(lambda: write_api.idle_closed == 1, 10, "the layer closing the idle connection")
+    publish(broker.port, later)
+
+    wait_until(lambda: settled(bridge, len(first + later)), 30, "the later rows, on a new connection")
+    assert write_api.connections == 2
+    assert bridge.metric("fmi_bridge_lane_failed_total", 'lane="bigquery/readings",code="ERROR"') == 0  # not a failure
+    assert row_count(cloud) == sorted(expected_ids(first + later))
+    cloud.reader.close()

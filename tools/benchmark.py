@@ -3,6 +3,7 @@ Pub/Sub backend (Google's emulator, or the in-repo server) and bqemulator.
 
     .venv/bin/python tools/benchmark.py e2e      [--readings 30000] [--sites 10] [--pubsub google|server]
     .venv/bin/python tools/benchmark.py backlog  [--readings 100000] [--sites 10] [--pubsub google|server]
+    (both also [--bigquery storage_write|insert_all] [--latency-model])
     .venv/bin/python tools/benchmark.py baseline [--messages 300] [--latency 0.02]
 
 e2e: publish start → every reading in both sinks, beside a bare paho subscriber (MQTT 5 and 3.1.1) that only
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,6 +47,7 @@ from fmi_bridge.config import Config  # noqa: E402
 from fmi_bridge.events import kpi_message, reading_row  # noqa: E402
 from fmi_bridge.provision import provision  # noqa: E402
 from fmi_bridge.readings import Inbound, Reading, validate  # noqa: E402
+from tests.bigquery_write_conformance import WriteApiConformance, table_info_from  # noqa: E402
 from tests.pubsub_conformance import PubSubConformanceLayer  # noqa: E402
 from tests.support import (  # noqa: E402
     BigQueryEmulator,
@@ -59,6 +61,10 @@ from tests.support import (  # noqa: E402
 )
 
 PROJECT = "bench"
+# The latency model: a round trip to Google from a site's network, and opening an AppendRows connection
+# (0.25-0.4 s measured in googleapis/python-bigquery-storage#284).
+MODEL_ROUND_TRIP_SECONDS = 0.03
+MODEL_CONNECT_SECONDS = 0.3
 TOPIC_FILTER = "FCTS/FAE/+/SolvExtract/+"
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -148,6 +154,7 @@ class Rig:
     pubsub_pid: int
     env: dict[str, str]
     layer: PubSubConformanceLayer  # the bridge publishes through it, as in the tests
+    write_layer: WriteApiConformance  # the Write API, likewise
 
     def conformance(self) -> None:
         """Whether Google's rules held over the run: refusals, and the busiest ordering key's second."""
@@ -157,6 +164,12 @@ class Rig:
             f"{sorted(set(self.layer.refusals))}; busiest ordering key {busiest:,} bytes in one second "
             "(Google's limit 1,000,000)"
         )
+        if self.env.get("BIGQUERY_WRITE_METHOD") == "storage_write":
+            w = self.write_layer
+            print(
+                f"  Write API layer: {w.passed_appends:,} appends on {w.connections} connections, "
+                f"{len(w.refusals)} refused {sorted({rule for rule, _ in w.refusals})}"
+            )
 
     def parts(self, bridge: Bridge) -> dict[str, int]:
         """The processes that share the machine's cores during a measurement."""
@@ -170,7 +183,11 @@ class Rig:
 
 
 @contextmanager
-def rig(pubsub: str, latency: float = 0.0, bigquery_method: str = "insert_all") -> Iterator[Rig]:
+def rig(
+    pubsub: str, latency: float = 0.0, bigquery_method: str = "insert_all", latency_model: bool = False
+) -> Iterator[Rig]:
+    """Broker, emulators and conformance layers; `latency_model`: both sinks answer a round trip later, and a
+    new AppendRows connection costs what one costs against Google's service."""
     work = Path(tempfile.mkdtemp(prefix="fmi-bench-"))
     broker = Broker(work / "broker").start()
     bigquery = BigQueryEmulator(work, PROJECT).start()
@@ -196,6 +213,10 @@ def rig(pubsub: str, latency: float = 0.0, bigquery_method: str = "insert_all") 
         assert helpers[-1].stdout is not None
         bigquery_url = helpers[-1].stdout.readline().split()[-1]
     layer = PubSubConformanceLayer(pubsub_host).start()
+    write_layer = WriteApiConformance(bigquery.grpc_host, table_info_from(bigquery.client())).start()
+    if latency_model:
+        layer.round_trip_seconds = write_layer.round_trip_seconds = MODEL_ROUND_TRIP_SECONDS
+        write_layer.connect_seconds = MODEL_CONNECT_SECONDS
     env = {
         "APP_ENV": "DEV",
         "GCP_PROJECT_ID": PROJECT,
@@ -209,12 +230,13 @@ def rig(pubsub: str, latency: float = 0.0, bigquery_method: str = "insert_all") 
         "LOG_LEVEL": "WARNING",
     }
     if bigquery_method == "storage_write":
-        env["BIGQUERY_STORAGE_EMULATOR_HOST"] = bigquery.grpc_host
+        env["BIGQUERY_STORAGE_EMULATOR_HOST"] = write_layer.host
     provision(Config.from_env({**env, "BIGQUERY_EMULATOR_HOST": bigquery.url}))
     try:
-        yield Rig(work, broker, bigquery, pubsub_host, pubsub_pid, env, layer)
+        yield Rig(work, broker, bigquery, pubsub_host, pubsub_pid, env, layer, write_layer)
     finally:
         layer.stop()
+        write_layer.stop()
         for helper in helpers:
             helper.kill()
         if google is not None:
@@ -305,7 +327,7 @@ def rate(count: int, seconds: float) -> str:
 
 def report(
     what: str, count: int, completion: Completion, started: float, done: float, *, bridge: Bridge, acked: Acknowledged
-) -> None:
+) -> dict[str, float]:
     assert completion.pubsub_done_at is not None and bridge.process is not None
     acked.join(30)
     for sink, label in (("pubsub", "Pub/Sub"), ("bigquery", "BigQuery")):
@@ -316,6 +338,8 @@ def report(
     print(f"{what + ', pulled from Pub/Sub:':<36}{rate(count, completion.pubsub_done_at - started)}")
     print(f"{what + ', seen in both sinks:':<36}{rate(count, done - started)}")
     print(f"  bridge peak RSS:                  {peak_rss_mib(bridge.process.pid):.0f} MiB")
+    rates = {f"{sink} acknowledged": count / (at - started) for sink, at in acked.at.items()}
+    return {**rates, "seen in both sinks": count / (done - started)}
 
 
 def machine_cpu(parts: dict[str, int]) -> dict[str, float]:
@@ -343,9 +367,30 @@ def bare_drain(setup: Rig, count: int, sites: int, protocol: str) -> tuple[float
     return count / (result["last"] - started), result["cpu"] / count * 1e6
 
 
+def with_and_without_latency(options: argparse.Namespace, measure: Callable[..., dict[str, float]]) -> int:
+    """One measurement; with --latency-model, the same without and then with it, and the ratios."""
+    plain = measure(options, latency_model=False)
+    if not options.latency_model:
+        return 0
+    print(f"\nthe same with the latency model: {MODEL_ROUND_TRIP_SECONDS * 1000:.0f} ms a round trip to both sinks, ")
+    print(f"{MODEL_CONNECT_SECONDS * 1000:.0f} ms to open an AppendRows connection")
+    modelled = measure(options, latency_model=True)
+    for what in plain.keys() & modelled.keys():
+        print(f"  {what + ', with / without:':<50}{modelled[what] / plain[what]:.2f}")
+    return 0
+
+
 def e2e(options: argparse.Namespace) -> int:
+    return with_and_without_latency(options, e2e_once)
+
+
+def backlog(options: argparse.Namespace) -> int:
+    return with_and_without_latency(options, backlog_once)
+
+
+def e2e_once(options: argparse.Namespace, *, latency_model: bool) -> dict[str, float]:
     count = options.readings // options.sites * options.sites
-    with rig(options.pubsub, bigquery_method=options.bigquery) as setup:
+    with rig(options.pubsub, bigquery_method=options.bigquery, latency_model=latency_model) as setup:
         bare5 = bare_drain(setup, count, options.sites, "5")
         bare3 = bare_drain(setup, count, options.sites, "3")
         bridge = Bridge(setup.work, setup.env).start()
@@ -366,7 +411,7 @@ def e2e(options: argparse.Namespace) -> int:
             print(f"{count:,} readings, {options.sites} sites, QoS 1; Pub/Sub: {options.pubsub}; {options.bigquery}")
             print(f"bare paho, MQTT 5:        {bare5[0]:,.0f}/s, {bare5[1]:.0f} µs CPU a message")
             print(f"bare paho, MQTT 3.1.1:    {bare3[0]:,.0f}/s, {bare3[1]:.0f} µs CPU a message")
-            report("bridge", count, completion, started, done, bridge=bridge, acked=acked)
+            rates = report("bridge", count, completion, started, done, bridge=bridge, acked=acked)
             setup.conformance()
             print(f"  ratio to bare MQTT 5 (seen):      {bridge_rate / bare5[0]:.2f}")
             if len(acked.at) == 2:
@@ -376,12 +421,12 @@ def e2e(options: argparse.Namespace) -> int:
             print_cpu_share(cpu_before, cpu_after, done - started)
         finally:
             bridge.stop()
-    return 0
+    return rates
 
 
-def backlog(options: argparse.Namespace) -> int:
+def backlog_once(options: argparse.Namespace, *, latency_model: bool) -> dict[str, float]:
     count = options.readings // options.sites * options.sites
-    with rig(options.pubsub, bigquery_method=options.bigquery) as setup:
+    with rig(options.pubsub, bigquery_method=options.bigquery, latency_model=latency_model) as setup:
         dead = f"127.0.0.1:{free_port()}"  # nothing listens: both sinks fail
         down = {**setup.env, "PUBSUB_EMULATOR_HOST": dead, "BIGQUERY_EMULATOR_HOST": f"http://{dead}"}
         if "BIGQUERY_STORAGE_EMULATOR_HOST" in down:
@@ -406,14 +451,14 @@ def backlog(options: argparse.Namespace) -> int:
             print(
                 f"backlog of {count:,} readings, {options.sites} sites; Pub/Sub: {options.pubsub}; {options.bigquery}"
             )
-            report("drain", count, completion, started, done, bridge=draining, acked=acked)
+            rates = report("drain", count, completion, started, done, bridge=draining, acked=acked)
             setup.conformance()
             bridge_cpu = acked.cpu_at_both - cpu_before["bridge"]
             print(f"  bridge CPU a reading (to acked):  {bridge_cpu / count * 1e6:.0f} µs")
             print_cpu_share(cpu_before, cpu_after, done - started)
         finally:
             draining.stop()
-    return 0
+    return rates
 
 
 def baseline(options: argparse.Namespace) -> int:
@@ -479,6 +524,7 @@ def main() -> int:
         mode.add_argument("--sites", type=int, default=10)
         mode.add_argument("--pubsub", choices=("google", "server"), default="google")
         mode.add_argument("--bigquery", choices=("storage_write", "insert_all"), default="storage_write")
+        mode.add_argument("--latency-model", action="store_true", help="measure again with sinks a round trip away")
     mode = modes.add_parser("baseline")
     mode.add_argument("--messages", type=int, default=300)
     mode.add_argument("--latency", type=float, default=0.02)
