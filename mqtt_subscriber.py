@@ -49,8 +49,8 @@ from fmi_bridge.readings import validate
 from fmi_bridge.replay import replay
 from fmi_bridge.senders import Sender
 from fmi_bridge.shutdown import stop_in_order
-from fmi_bridge.sink_bigquery import BigQuerySink, destinations
-from fmi_bridge.sink_bigquery_write import RowEncoder, StorageWriteSink
+from fmi_bridge.sink_bigquery import BigQuerySink, Destination, destinations
+from fmi_bridge.sink_bigquery_write import RowEncoder, StorageWriteSink, stream_key
 from fmi_bridge.sink_pubsub import PubSubSink
 from fmi_bridge.sinks import BIGQUERY, LOG, PUBSUB, LogSink, Sink
 from fmi_bridge.spool import Spool, SpoolError
@@ -228,12 +228,27 @@ def spool_status(config: Config, options: argparse.Namespace) -> int:
 def spool_import(config: Config, options: argparse.Namespace) -> int:
     try:
         spool = open_spool(config)
-        result = spool_admin.import_spool(spool, Path(options.file))
+        result = spool_admin.import_spool(spool, Path(options.file), write_stream_keys(config))
     except SpoolError as exc:
         print(f"spool-import failed: {exc}", file=sys.stderr)
         return EXIT_FAULT
     print(json.dumps(asdict(result)))
     return 0
+
+
+def write_stream_keys(config: Config) -> dict[str, tuple[str, str]] | None:
+    """table -> (its lane's Storage Write stream key, the lane's record kind), as the sinks key them."""
+    if not (config.bigquery_enabled and config.bigquery_write_method == "storage_write"):
+        return None
+    return {
+        table.table: (stream_key(config.mqtt_client_id, table.table), table.kind) for table in bigquery_tables(config)
+    }
+
+
+def bigquery_tables(config: Config) -> tuple[Destination, Destination]:
+    return destinations(
+        cloud.table_id(config, config.bigquery_table), cloud.table_id(config, config.bigquery_rejects_table)
+    )
 
 
 def build_sinks(config: Config) -> list[Sink]:
@@ -258,9 +273,7 @@ def build_sinks(config: Config) -> list[Sink]:
             for lane in range(config.pubsub_lanes)
         ]
     if config.bigquery_enabled:
-        tables = destinations(
-            cloud.table_id(config, config.bigquery_table), cloud.table_id(config, config.bigquery_rejects_table)
-        )
+        tables = bigquery_tables(config)
         batch, timeout = config.bigquery_batch_size, config.sink_timeout_seconds
         if config.bigquery_write_method == "storage_write":
             writer = cloud.bigquery_write_client(config)

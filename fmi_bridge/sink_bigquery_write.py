@@ -104,6 +104,11 @@ def micros(text: str) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+def stream_key(instance: str, table: str) -> str:
+    """A lane's key for its stream in the spool: one stream per bridge instance and table."""
+    return f"{instance}:{table}"
+
+
 class StorageWriteSink:
     name = "bigquery"
     bit = BIGQUERY
@@ -124,7 +129,7 @@ class StorageWriteSink:
         self.destination = destination
         self.encoder = encoder
         self.lane = f"{self.name}/{destination.lane}"
-        self._stream_key = f"{instance}:{destination.table}"  # one stream per bridge instance and table
+        self._stream_key = stream_key(instance, destination.table)
         self.batch_size = batch_size
         self.timeout = timeout
         self.max_idle_seconds = max_idle_seconds

@@ -84,6 +84,17 @@ class SpoolFullError(SpoolError):
 
 
 @dataclass(frozen=True)
+class AdoptedStream:
+    """A Storage Write stream of an imported spool, taken over by a live lane (its key) with its next offset."""
+
+    key: str
+    kind: str
+    stream: str
+    next_offset: int
+    used_at: float | None
+
+
+@dataclass(frozen=True)
 class Record:
     id: int
     kind: str
@@ -361,9 +372,16 @@ class Spool:
                 now[0] += count
                 now[1] += owed_bytes
 
-    def import_records(self, rows: Sequence[tuple[Any, ...]], fingerprint: str, source: str) -> bool:
-        """Take (id, kind, site_code, body, size, pending, created_at) rows of another spool ahead of the records
-        held here, in their order; False when rows with this fingerprint were imported before."""
+    def import_records(
+        self,
+        rows: Sequence[tuple[Any, ...]],
+        fingerprint: str,
+        source: str,
+        streams: Sequence[AdoptedStream] = (),
+    ) -> bool:
+        """Take (id, kind, site_code, body, size, pending, created_at, write_offset) rows of another spool ahead
+        of the records held here, in their order; False when rows with this fingerprint were imported before.
+        Rows with offsets keep them, and their lanes take over the source's `streams` (see spool_admin)."""
         size = sum(row[4] for row in rows)
         if self._bytes + size > self.max_bytes:
             raise SpoolFullError(
@@ -373,9 +391,22 @@ class Spool:
         with self._transaction(conn):
             if conn.execute("SELECT 1 FROM imports WHERE fingerprint = ?", (fingerprint,)).fetchone():
                 return False
+            for stream in streams:
+                if conn.execute(
+                    "SELECT 1 FROM records WHERE write_offset IS NOT NULL AND kind = ? LIMIT 1", (stream.kind,)
+                ).fetchone():
+                    raise SpoolError(
+                        "this spool holds BigQuery appends not yet confirmed; run the bridge until `status` shows "
+                        "nothing owed to BigQuery, stop it, and import again"
+                    )
+                conn.execute(
+                    "INSERT OR REPLACE INTO write_streams VALUES (?, ?, ?, ?)",
+                    (stream.key, stream.stream, stream.next_offset, stream.used_at),
+                )
             first = conn.execute("SELECT coalesce(min(id), 1) FROM records").fetchone()[0] - len(rows)
             conn.executemany(
-                "INSERT INTO records (id, kind, site_code, body, size, pending, created_at) VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO records (id, kind, site_code, body, size, pending, created_at, write_offset) "
+                "VALUES (?,?,?,?,?,?,?,?)",
                 [(first + index, *row[1:]) for index, row in enumerate(rows)],
             )
             conn.execute("INSERT INTO imports VALUES (?, ?, ?, ?)", (fingerprint, source, len(rows), time.time()))

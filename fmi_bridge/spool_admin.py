@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fmi_bridge.sinks import BIGQUERY, LOG, PUBSUB
-from fmi_bridge.spool import SPOOL_FILE, Spool, SpoolError
+from fmi_bridge.spool import SPOOL_FILE, AdoptedStream, Spool, SpoolError
 
 SINK_BITS = {"pubsub": PUBSUB, "bigquery": BIGQUERY, "log": LOG}
 
@@ -67,14 +67,21 @@ class ImportResult:
     already_imported: bool
 
 
-def import_spool(spool: Spool, source: Path) -> ImportResult:
+def import_spool(spool: Spool, source: Path, stream_keys: dict[str, tuple[str, str]] | None = None) -> ImportResult:
     """Copy the source's pending records into `spool`, ahead of what it holds (they are older), in their own
-    order and with what each sink still owes. One transaction; a second run of the same records does nothing."""
+    order and with what each sink still owes. One transaction; a second run of the same records does nothing.
+
+    Exactly once into BigQuery: records the source had given Storage Write offsets (an append that may have
+    landed) keep them, and the live lane takes over the source's stream, so a resend lands on the same offsets.
+    `stream_keys`: table -> (the live lane's stream key, its record kind); None without the Write API.
+    """
     conn = _read_only(source)
     try:
         rows = conn.execute(
-            "SELECT id, kind, site_code, body, size, pending, created_at FROM records WHERE pending != 0 ORDER BY id"
+            "SELECT id, kind, site_code, body, size, pending, created_at, "
+            f"CASE WHEN pending & {BIGQUERY} THEN write_offset END FROM records WHERE pending != 0 ORDER BY id"
         ).fetchall()
+        streams = _streams_to_adopt(conn, rows, stream_keys or {}, source)
     finally:
         conn.close()
     digest = hashlib.sha256()
@@ -82,5 +89,26 @@ def import_spool(spool: Spool, source: Path) -> ImportResult:
         digest.update(repr((row[0], row[1], row[2], row[3], row[5])).encode("utf-8", "surrogatepass"))
     fingerprint = digest.hexdigest()
     size = sum(row[4] for row in rows)
-    taken = spool.import_records(rows, fingerprint, str(source.resolve()))
+    taken = spool.import_records(rows, fingerprint, str(source.resolve()), streams)
     return ImportResult(str(source), len(rows), size, already_imported=not taken)
+
+
+def _streams_to_adopt(
+    conn: sqlite3.Connection, rows: list[Any], stream_keys: dict[str, tuple[str, str]], source: Path
+) -> list[AdoptedStream]:
+    """The source's write streams that its imported records hold offsets on, under the live lanes' keys."""
+    kinds = {row[1] for row in rows if row[7] is not None}
+    if not kinds:
+        return []
+    adopted = []
+    for key, stream, next_offset, *used_at in conn.execute("SELECT * FROM write_streams"):  # used_at: newer spools
+        live = stream_keys.get(key.split(":", 1)[-1])  # a key is "<instance>:<table>"
+        if live is not None:
+            adopted.append(AdoptedStream(live[0], live[1], stream, next_offset, used_at[0] if used_at else None))
+    missing = kinds - {stream.kind for stream in adopted}
+    if missing:
+        raise SpoolError(
+            f"records of {source} were sent to a BigQuery write stream of a table this bridge does not write "
+            f"({', '.join(sorted(missing))}); importing them could write rows twice"
+        )
+    return [stream for stream in adopted if stream.kind in kinds]

@@ -44,6 +44,10 @@ _Request = types.AppendRowsRequest.pb()
 _Response = types.AppendRowsResponse.pb()
 _StorageCode = types.StorageError.StorageErrorCode
 FIELDS_ERROR = 1  # RowError.RowErrorCode
+# One call into bqemulator at a time, from this process: it can deadlock when a REST call (a query, a table's
+# schema) meets an append (one DuckDB connection, two threads). The tests' queries take it too (support.bq_query).
+# BigQuery has no such limit; the bridge's lanes still run concurrently up to the layer.
+EMULATOR_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -81,10 +85,7 @@ class WriteApiConformance:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        # One upstream call at a time: bqemulator can deadlock when a REST call (the table's schema) meets an
-        # append (one DuckDB connection, two threads). BigQuery has no such limit; the bridge's lanes still run
-        # concurrently up to here.
-        self._upstream = threading.Lock()
+        self._upstream = EMULATOR_LOCK
         self._used: dict[str, float] = {}  # stream -> last time the layer saw it made or used
         self._row_classes: dict[bytes, Any] = {}
         self._tables: dict[str, tuple[float, TableInfo]] = {}  # path -> (read at, info); under _upstream

@@ -137,6 +137,7 @@ def bigquery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigQueryEmula
     emulator = BigQueryEmulator(tmp_path_factory.mktemp("bq"), PROJECT).start()
     yield emulator
     emulator.stop()
+    write_layer(emulator).stop()
 
 
 @pytest.fixture
@@ -147,18 +148,43 @@ def own_bigquery(tmp_path: Path) -> Iterator[BigQueryEmulator]:
     assert emulator.process is not None
     emulator.process.send_signal(signal.SIGCONT)
     emulator.stop()
+    write_layer(emulator).stop()
+
+
+# (emulator, its layer): the emulator is kept referenced, so a later one can never be taken for it.
+_write_layers: list[tuple[BigQueryEmulator, WriteApiConformance]] = []
+
+
+def write_layer(bigquery: BigQueryEmulator) -> WriteApiConformance:
+    """The Storage Write API as Google's service takes it: the conformance layer in front of this emulator, one
+    per emulator."""
+    for emulator, layer in _write_layers:
+        if emulator is bigquery:
+            return layer
+    layer = WriteApiConformance(bigquery.grpc_host, table_info_from(bigquery.client())).start()
+    _write_layers.append((bigquery, layer))
+    return layer
+
+
+@pytest.fixture(autouse=True)
+def _write_api_refusals(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A refusal by one of the Write API layer's rules fails the test unless it is marked `bigquery_refusals`
+    (it causes one on purpose). Fault injection ("injected") is not a refusal of a rule."""
+    seen = {id(layer): len(layer.refusals) for _, layer in _write_layers}
+    yield
+    refused = [
+        f"{rule}: {detail}"
+        for _, layer in _write_layers
+        for rule, detail in layer.refusals[seen.get(id(layer), 0) :]
+        if rule != "injected"
+    ]
+    if refused and request.node.get_closest_marker("bigquery_refusals") is None:
+        pytest.fail("Google's BigQuery would have refused: " + "; ".join(refused[:3]))
 
 
 @pytest.fixture
-def write_api(request: pytest.FixtureRequest, own_bigquery: BigQueryEmulator) -> Iterator[WriteApiConformance]:
-    """The Storage Write API as Google's service takes it: the conformance layer in front of `own_bigquery`. A
-    refusal by one of its rules fails the test unless it is marked `bigquery_refusals` (it causes one on purpose)."""
-    layer = WriteApiConformance(own_bigquery.grpc_host, table_info_from(own_bigquery.client())).start()
-    yield layer
-    layer.stop()
-    refused = [f"{rule}: {detail}" for rule, detail in layer.refusals if rule != "injected"]
-    if refused and request.node.get_closest_marker("bigquery_refusals") is None:
-        pytest.fail("Google's BigQuery would have refused: " + "; ".join(refused[:3]))
+def write_api(own_bigquery: BigQueryEmulator) -> WriteApiConformance:
+    return write_layer(own_bigquery)
 
 
 @dataclass
@@ -181,9 +207,9 @@ def cloud_env(pubsub_endpoint: PubSubEndpoint, bigquery: BigQueryEmulator) -> di
         "BIGQUERY_DATASET": f"ds_{n}",
         "BIGQUERY_TABLE": "readings",
         "PUBSUB_EMULATOR_HOST": pubsub_endpoint.host,
-        # insertAll: bqemulator deadlocks when a REST query meets a Write API append (one DuckDB connection,
-        # two threads), and the tests query while the bridge writes. test_exactly_once covers the Write API.
         "BIGQUERY_EMULATOR_HOST": bigquery.url,
+        # The Storage Write API, as in production, through the layer that refuses what BigQuery refuses.
+        "BIGQUERY_STORAGE_EMULATOR_HOST": write_layer(bigquery).host,
     }
 
 

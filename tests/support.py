@@ -23,6 +23,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from fmi_bridge.broker_conf import BrokerSecurity, render
+from tests.bigquery_write_conformance import EMULATOR_LOCK
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "FCTS/FAE/{site}/SolvExtract/{tag}"
@@ -496,7 +497,8 @@ def expected_ids(messages: list[Published]) -> set[str]:
 
 
 def bq_query(client: Any, sql: str) -> list[Any]:
-    return list(client.query(sql).result())
+    with EMULATOR_LOCK:  # never beside an append the conformance layer forwards: bqemulator could deadlock
+        return list(client.query(sql).result())
 
 
 def bq_distinct_ids(client: Any, table: str) -> set[str]:

@@ -204,7 +204,9 @@ def bigquery_proxy(bigquery: BigQueryEmulator) -> Iterator[BigQueryProxy]:
 def test_large_payloads_stay_under_the_request_limit(
     broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], bigquery_proxy: BigQueryProxy
 ) -> None:
-    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url)
+    bridge = start_bridge(
+        bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url, BIGQUERY_WRITE_METHOD="insert_all"
+    )
     pad = "x" * 30_000  # 500 such rows (the default batch) would be 15 MB
     big = [Published(m.topic, json.dumps({**json.loads(m.payload), "pad": pad}).encode()) for m in readings(SITES, 400)]
 
@@ -228,7 +230,7 @@ def test_transient_row_errors_are_retried_and_invalid_rows_dead_lettered(
     cloud.bq.create_table(bq.Table.from_api_repr(strict))
     bigquery_proxy.faults.flaky = lambda row: row.get("sensor_id", "").endswith("7")
     bridge = start_bridge(
-        bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url,
+        bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url, BIGQUERY_WRITE_METHOD="insert_all",
         BIGQUERY_TABLE="strict", BIGQUERY_REJECTS_TABLE="readings_rejected",
     )  # fmt: skip
     numeric = [reading(site, n, sensor=str(1000 + n)) for n in range(100) for site in SITES]
@@ -254,7 +256,9 @@ def test_a_request_refused_whole_is_narrowed_down_by_halving(
     broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], bigquery_proxy: BigQueryProxy
 ) -> None:
     bigquery_proxy.faults.spoils_request = lambda row: row.get("sensor_id") == "SPOILER"
-    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url)
+    bridge = start_bridge(
+        bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url, BIGQUERY_WRITE_METHOD="insert_all"
+    )
     messages = readings(SITES, 250)
     spoiler = reading("S2", 125, sensor="SPOILER")
     messages[messages.index(reading("S2", 125))] = spoiler
@@ -306,7 +310,12 @@ def test_a_reject_row_bigquery_refuses_is_logged_in_full_and_let_go(
             column["type"] = "INT64"  # no reason code is a number: BigQuery calls every reject row invalid
     cloud.bq.create_table(bq.Table.from_api_repr(strict))
     bridge = start_bridge(
-        bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url, BIGQUERY_REJECTS_TABLE="strict_rejects"
+        bridges,
+        cloud,
+        broker,
+        BIGQUERY_EMULATOR_HOST=bigquery_proxy.url,
+        BIGQUERY_WRITE_METHOD="insert_all",
+        BIGQUERY_REJECTS_TABLE="strict_rejects",
     )
     bad = Published("FCTS/FAE/MOR/SolvExtract/TAG1", b"not json")
     good = readings(SITES, 5)
@@ -327,7 +336,9 @@ def test_batches_are_sized_as_the_client_sends_them(
     broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], bigquery_proxy: BigQueryProxy
 ) -> None:
     """Text outside ASCII travels as \\uXXXX escapes: 6 bytes where the spool counts 3 (CJK)."""
-    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url)
+    bridge = start_bridge(
+        bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url, BIGQUERY_WRITE_METHOD="insert_all"
+    )
     pad = "測" * 10_000  # 30 KB in UTF-8, 60 KB as sent
     big = [
         Published(m.topic, json.dumps({**json.loads(m.payload), "pad": pad}, ensure_ascii=False).encode())
@@ -345,7 +356,9 @@ def test_a_413_from_the_front_end_is_narrowed_down_like_a_400(
     broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], bigquery_proxy: BigQueryProxy
 ) -> None:
     bigquery_proxy.faults.entity_limit = 200_000  # far below what the bridge sends: every large batch answers 413
-    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url)
+    bridge = start_bridge(
+        bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url, BIGQUERY_WRITE_METHOD="insert_all"
+    )
     pad = "x" * 20_000
     big = [Published(m.topic, json.dumps({**json.loads(m.payload), "pad": pad}).encode()) for m in readings(SITES, 40)]
 
@@ -364,7 +377,7 @@ def test_a_stalled_loop_fails_liveness_naming_it_and_recovers(
     """A send that hangs (inside its deadline) holds its sender: past LIVENESS_STALL_SECONDS the platform is told,
     by name, so App Engine can restart the instance; once the send returns, liveness is green again."""
     bridge = start_bridge(
-        bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url,
+        bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url, BIGQUERY_WRITE_METHOD="insert_all",
         SINK_TIMEOUT_SECONDS="60", LIVENESS_STALL_SECONDS="10",
     )  # fmt: skip
     assert bridge.status("/liveness_check") == (200, "ok\n")
