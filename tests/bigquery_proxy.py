@@ -1,5 +1,6 @@
 """An HTTP proxy in front of bqemulator that adds what the emulator cannot do: BigQuery's 10 MB request limit
-on insertAll (a 400, as BigQuery answers), and per-row transient errors (`backendError`) for chosen rows.
+on insertAll (a 400, as BigQuery answers), the partition window (rows `invalid`, with the service's words; the
+others `stopped` unless skipInvalidRows), and per-row transient errors (`backendError`) for chosen rows.
 
 Rows it fails are not passed on, so the emulator's table holds exactly what BigQuery would have kept. Every other
 request is passed through unchanged.
@@ -15,10 +16,27 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 REQUEST_LIMIT = 10 * 1024 * 1024
+# The partition window: rows of a time-partitioned table are streamed only into partitions "within 1825 days in
+# the past and 366 days in the future relative to the current date" (the service's refusal, quoted in
+# mozilla/gcp-ingestion#2721; fmi_bridge/partition_window.py).
+WINDOW_DAYS = (1825, 366)
+WINDOW_MESSAGE = (
+    "is outside the allowed bounds. You can only stream to partitions of date range within 1825 days in the past "
+    "and 366 days in the future relative to the current date."
+)
+
+
+def _inside_window(value: Any) -> bool:
+    if not isinstance(value, str):
+        return True  # NULL goes to the __NULL__ partition
+    day = datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC).date()
+    today = datetime.now(UTC).date()
+    return today - timedelta(days=WINDOW_DAYS[0]) <= day <= today + timedelta(days=WINDOW_DAYS[1])
 
 
 @dataclass
@@ -31,6 +49,7 @@ class BigQueryFaults:
     entity_limit: int | None = None  # a request larger answers 413, as Google's front end may for far-oversized
     entity_refused: int = 0
     too_large: int = 0  # requests refused for their size
+    window_refused: int = 0  # rows refused for the partition window
     insert_calls: int = 0
     largest_request: int = 0
 
@@ -39,6 +58,7 @@ class BigQueryProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.faults = BigQueryFaults()
+        self._partitions: dict[str, str | None] = {}  # table path -> partitioning column
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -84,6 +104,15 @@ class BigQueryProxy:
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
 
+    def _partition_field(self, insert_path: str) -> str | None:
+        """The table's time-partitioning column, read from the emulator (once a table)."""
+        table_path = insert_path.split("?", maxsplit=1)[0].removesuffix("/insertAll")
+        if table_path not in self._partitions:
+            status, answer = self._forward("GET", table_path, b"")
+            resource = json.loads(answer or b"{}") if status == 200 else {}
+            self._partitions[table_path] = resource.get("timePartitioning", {}).get("field")
+        return self._partitions[table_path]
+
     def _insert_all(self, path: str, body: bytes) -> tuple[int, bytes]:
         faults = self.faults
         faults.insert_calls += 1
@@ -101,9 +130,25 @@ class BigQueryProxy:
             error = {"code": 400, "message": "Invalid request: one row spoils it"}
             return 400, json.dumps({"error": {**error, "errors": [{"reason": "invalid", **error}]}}).encode()
         kept, errors = [], []
+        partition = self._partition_field(path)
+        outside = {
+            index
+            for index, row in enumerate(request.get("rows", []))
+            if partition and not _inside_window(row["json"].get(partition))
+        }
+        if outside and not request.get("skipInvalidRows"):
+            # The service takes none of the request: the invalid rows say why, the others are `stopped`.
+            for index, _ in enumerate(request.get("rows", [])):
+                reason = ("invalid", WINDOW_MESSAGE) if index in outside else ("stopped", "")
+                errors.append({"index": index, "errors": [{"reason": reason[0], "message": reason[1]}]})
+            faults.window_refused += len(outside)
+            return 200, json.dumps({"kind": "bigquery#tableDataInsertAllResponse", "insertErrors": errors}).encode()
         for index, row in enumerate(request.get("rows", [])):
             insert_id = row.get("insertId", "")
-            if faults.flaky(row["json"]) and faults.failed.get(insert_id, 0) < faults.flaky_times:
+            if index in outside:
+                faults.window_refused += 1
+                errors.append({"index": index, "errors": [{"reason": "invalid", "message": WINDOW_MESSAGE}]})
+            elif faults.flaky(row["json"]) and faults.failed.get(insert_id, 0) < faults.flaky_times:
                 faults.failed[insert_id] = faults.failed.get(insert_id, 0) + 1
                 errors.append({"index": index, "errors": [{"reason": "backendError", "message": "try again"}]})
             else:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import socket
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from google.cloud import bigquery as bq
@@ -193,7 +194,7 @@ def test_an_idle_connection_never_delays_a_probe(
 
 
 # insertAll's own rules (its 10 MB request limit, whole-request 400s, per-row reasons), through a proxy that can
-# produce them (the fixtures' bridges use insertAll).
+# produce them (the bridges of these tests use insertAll; the suite's default is the Storage Write API).
 @pytest.fixture
 def bigquery_proxy(bigquery: BigQueryEmulator) -> Iterator[BigQueryProxy]:
     proxy = BigQueryProxy(bigquery.url).start()
@@ -250,6 +251,54 @@ def test_transient_row_errors_are_retried_and_invalid_rows_dead_lettered(
     assert {row["reason"] for row in rejects} == {"bigquery_rejected"}
     assert bq_query(cloud.bq, f"SELECT count(*) AS n FROM `{table}`")[0]["n"] == len(numeric)  # no row twice
     assert bridge.metric("fmi_bridge_sink_dead_lettered_total", 'sink="bigquery"') == len(named)
+
+
+def test_the_insert_all_layer_refuses_a_row_outside_the_partition_window_as_bigquery_does(
+    cloud: Cloud, bigquery_proxy: BigQueryProxy
+) -> None:
+    """Without skipInvalidRows the service takes none of the request: the row outside says why, the other is
+    `stopped`; with it, only the row outside is refused."""
+    project, dataset, table = cloud.readings_table.split(".")
+    url = f"{bigquery_proxy.url}/bigquery/v2/projects/{project}/datasets/{dataset}/tables/{table}/insertAll"
+    rows = [
+        {"insertId": "old", "json": {"event_id": "old", "timestamp": "2000-01-01T00:00:00Z"}},
+        {"insertId": "new", "json": {"event_id": "new", "timestamp": datetime.now(UTC).isoformat()}},
+    ]
+
+    def insert(**options: bool) -> list[tuple[int, str]]:
+        body = json.dumps({"rows": rows, **options}).encode()
+        request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+        return [(error["index"], error["errors"][0]["reason"]) for error in answer.get("insertErrors", [])]
+
+    assert insert() == [(0, "invalid"), (1, "stopped")]
+    assert bq_distinct_ids(cloud.bq, cloud.readings_table) == set()
+    assert insert(skipInvalidRows=True) == [(0, "invalid")]
+    assert bq_distinct_ids(cloud.bq, cloud.readings_table) == {"new"}
+
+
+def test_a_reading_that_left_the_partition_window_is_dead_lettered_by_insert_all_too(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], bigquery_proxy: BigQueryProxy
+) -> None:
+    """A window wider than the service's, as if the reading had aged in the spool: insertAll refuses that row
+    alone (skipInvalidRows), and it goes to the rejects table."""
+    bridge = start_bridge(
+        bridges, cloud, broker, BIGQUERY_EMULATOR_HOST=bigquery_proxy.url, BIGQUERY_WRITE_METHOD="insert_all",
+        BIGQUERY_PARTITION_DAYS_PAST="4000",
+    )  # fmt: skip
+    day = (datetime.now(UTC) - timedelta(days=2000)).strftime("%Y-%m-%dT00:00:00Z")
+    stale = Published(T, json.dumps({"site_code": "S1", "sensor_id": "s", "timestamp": day, "value": 1}).encode())
+    good = readings(SITES, 20)
+
+    publish(broker.port, [*good[:40], stale, *good[40:]])
+
+    wait_until(lambda: bq_distinct_ids(cloud.bq, cloud.readings_table) == expected_ids(good), 60, "the good rows")
+    rejects = wait_until(lambda: bq_query(cloud.bq, f"SELECT * FROM `{cloud.rejects_table}`"), 60, "the dead letter")
+    assert [(row["event_id"], row["reason"]) for row in rejects] == [(*expected_ids([stale]), "bigquery_rejected")]
+    assert "outside the allowed bounds" in rejects[0]["detail"]
+    assert bigquery_proxy.faults.window_refused == 1
+    assert bridge.metric("fmi_bridge_sink_dead_lettered_total", 'sink="bigquery"') == 1
 
 
 def test_a_request_refused_whole_is_narrowed_down_by_halving(
