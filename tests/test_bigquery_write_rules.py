@@ -379,3 +379,26 @@ def test_spool_import_keeps_exactly_once_for_appends_the_source_had_sent(
     assert row_count(cloud) == sorted(expected_ids(messages))  # counted: each row once, not twice
     assert cloud.reader.wait_for(len(messages), 30) == expected_ids(messages)
     cloud.reader.close()
+
+
+def test_large_rows_go_in_appends_under_the_request_limit(
+    broker: Broker,
+    pubsub_endpoint: PubSubEndpoint,
+    own_bigquery: BigQueryEmulator,
+    write_api: WriteApiConformance,
+    bridges: Callable[..., Bridge],
+) -> None:
+    """400 readings of 30 KB: the default 2,000 rows an append would be 12 MB. Not marked: an append over the
+    layer's 10 MB fails the test."""
+    cloud = make_cloud(pubsub_endpoint, own_bigquery)
+    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=write_api.host)
+    pad = "x" * 30_000
+    big = [
+        Published(m.topic, json.dumps({**json.loads(m.payload), "pad": pad}).encode()) for m in readings(["S1"], 400)
+    ]
+    publish(broker.port, big)
+
+    wait_until(lambda: settled(bridge, len(big)), 90, "every large row")
+    assert row_count(cloud) == sorted(expected_ids(big))
+    assert bridge.metric("fmi_bridge_sink_dead_lettered_total", 'sink="bigquery"') == 0
+    cloud.reader.close()

@@ -18,7 +18,7 @@ import pytest
 from google.cloud import bigquery as bq
 
 from fmi_bridge.provision import table_resource
-from tests.conftest import PROJECT, Cloud, PubSubEndpoint, assert_delivered, make_cloud, start_bridge
+from tests.conftest import PROJECT, Cloud, PubSubEndpoint, assert_delivered, make_cloud, start_bridge, write_layer
 from tests.pubsub_server import Faults
 from tests.support import (
     BigQueryEmulator,
@@ -112,6 +112,7 @@ def own_bigquery(tmp_path: Path) -> Iterator[BigQueryEmulator]:
     emulator = BigQueryEmulator(tmp_path, PROJECT, persistent=True).start()
     yield emulator
     emulator.stop()
+    write_layer(emulator).stop()
 
 
 def test_bigquery_down_for_a_while_then_back(
@@ -131,6 +132,9 @@ def test_bigquery_down_for_a_while_then_back(
     own_bigquery.start()
 
     assert_delivered(cloud, messages)
+    wait_until(lambda: bridge.metric("fmi_bridge_spool_records") == 0, 30, "an empty spool")
+    counted = bq_query(cloud.bq, f"SELECT count(*) AS n FROM `{cloud.readings_table}`")[0]["n"]
+    assert counted == len(messages)  # rows counted, not distinct ids: the emulator's restart wrote none twice
     cloud.reader.close()
 
 
