@@ -21,6 +21,12 @@ _Code = types.StorageError.StorageErrorCode
 
 
 class Meaning(Enum):
+    # The Write API client's exceptions (google-cloud-bigquerystorage, Exceptions.OffsetAlreadyExists and
+    # OffsetOutOfRange): "an offset before the current end of the stream ... expected when ExactOnce is enforced.
+    # You can safely ignore it"; "a point beyond the current end of the stream ... usually means a bug in your
+    # code that introduces a gap in appends". The first is ignored for the rows it covers only (the sink finds
+    # where the stream ends); the second, at a lane's first unsettled offset, means the stream is not the one
+    # the offsets were given on, so a new one is made.
     WRITTEN = "the stream holds this offset already"  # ALREADY_EXISTS: an earlier send landed
     BEYOND_END = "the offset is past the stream's end"  # OUT_OF_RANGE
     STREAM_GONE = "the stream is gone, expired or finalized"
