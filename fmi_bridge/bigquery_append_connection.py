@@ -16,7 +16,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-CONNECTION_SECONDS = 86_400.0  # the installed client's own default deadline for AppendRows
+import grpc
+from google.api_core import exceptions as api_exceptions
+
+CONNECTION_SECONDS = 86_400.0  # the installed client's own default deadline for AppendRows (transports/base.py)
 
 
 class ConnectionEndedError(Exception):
@@ -30,14 +33,14 @@ class AppendConnection:
         self._requests: queue.SimpleQueue[Any] | None = None
         self._answers: queue.SimpleQueue[Any] | None = None
         self._ended = threading.Event()
-        self._calls: list[Any] = []  # the open call, once its thread has made it
+        self._call: Any = None  # the open gRPC call
         self.opened = 0
 
     def exchange(self, requests: list[Any]) -> list[Any]:
-        """Send the appends back to back; return, in order, each one's AppendRowsResponse, or the exception that
-        ended the connection before its answer (then it and every later one are unanswered)."""
+        """Send the appends (all to one stream) back to back; return, in order, each one's AppendRowsResponse, or
+        the exception that ended the connection before its answer (then it and every later one are unanswered)."""
         if self._requests is None or self._ended.is_set():
-            self._open()
+            self._open(requests[0].write_stream)
         assert self._requests is not None and self._answers is not None
         for request in requests:
             self._requests.put(request)
@@ -54,39 +57,44 @@ class AppendConnection:
             answers.append(answer)
         return answers
 
-    def _open(self) -> None:
+    def _open(self, stream: str) -> None:
         self.close()
         requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
         ended = threading.Event()
-        calls: list[Any] = []
 
         def outgoing() -> Iterator[Any]:
             while (request := requests.get()) is not None:
                 yield request
 
+        # The transport's own gRPC callable, not the client's wrapper: the wrapper waits for the first answer as
+        # it opens the call, before any append is queued, and a call not yet made cannot be cancelled. The
+        # routing header names the stream, as the client's AppendRowsStream (writer.py) sends it.
+        call = self._client.transport.append_rows(
+            outgoing(),
+            timeout=CONNECTION_SECONDS,
+            metadata=(("x-goog-request-params", f"write_stream={stream}"),),
+        )
+
         def incoming() -> None:
             try:
-                # Opened here, not by exchange(): google.api_core waits for the first answer when it opens a
-                # streaming call, and that answer needs the first append, which exchange() queues after this.
-                call = self._client.append_rows(outgoing(), retry=None, timeout=CONNECTION_SECONDS)
-                calls.append(call)
                 for answer in call:
                     answers.put(answer)
                 answers.put(ConnectionEndedError("the service ended the connection"))
-            except Exception as exc:  # the connection's end (ABORTED when idle, UNAVAILABLE, cancelled)
+            except grpc.RpcError as exc:  # the connection's end (ABORTED when idle, UNAVAILABLE, cancelled)
+                answers.put(api_exceptions.from_grpc_error(exc))  # type: ignore[no-untyped-call]
+            except Exception as exc:  # thread boundary: whatever it is, the waiting exchange gets it
                 answers.put(exc)
             finally:
                 ended.set()
 
         threading.Thread(target=incoming, name="bigquery-append-answers", daemon=True).start()
-        self._requests, self._answers, self._ended, self._calls = requests, answers, ended, calls
+        self._requests, self._answers, self._ended, self._call = requests, answers, ended, call
         self.opened += 1
 
     def close(self) -> None:
         if self._requests is None:
             return
-        self._requests.put(None)  # ends the request stream, so the service ends the call
-        for call in self._calls:
-            call.cancel()
+        self._requests.put(None)  # ends the request stream
+        self._call.cancel()
         self._requests = None
