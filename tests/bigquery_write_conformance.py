@@ -78,6 +78,7 @@ class WriteApiConformance:
     idle_close_seconds: float = IDLE_CLOSE_SECONDS
     round_trip_seconds: float = 0.0  # latency model: each append answered no sooner than this after it was sent
     connect_seconds: float = 0.0  # latency model: what opening an AppendRows connection costs
+    silent: threading.Event = field(default_factory=threading.Event)  # fault: while set, appends get no answer
     refusals: list[tuple[str, str]] = field(default_factory=list)  # (rule, detail)
     passed_appends: int = 0
     connections: int = 0  # AppendRows calls opened
@@ -152,6 +153,10 @@ class WriteApiConformance:
                 return
             raw, due = arrival
             time.sleep(max(0.0, due - time.monotonic()))
+            while self.silent.is_set() and context.is_active():
+                time.sleep(0.05)
+            if not context.is_active():
+                return
             with self._upstream:
                 refusal = self._check(raw, _Request.FromString(raw))
                 if refusal is None:

@@ -402,3 +402,38 @@ def test_large_rows_go_in_appends_under_the_request_limit(
     assert row_count(cloud) == sorted(expected_ids(big))
     assert bridge.metric("fmi_bridge_sink_dead_lettered_total", 'sink="bigquery"') == 0
     cloud.reader.close()
+
+
+def test_a_silent_service_costs_a_timeout_and_a_new_connection_not_a_thread_each_time(
+    broker: Broker,
+    pubsub_endpoint: PubSubEndpoint,
+    own_bigquery: BigQueryEmulator,
+    write_api: WriteApiConformance,
+    bridges: Callable[..., Bridge],
+) -> None:
+    cloud = make_cloud(pubsub_endpoint, own_bigquery)
+    bridge = start_bridge(
+        bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=write_api.host, SINK_TIMEOUT_SECONDS="1"
+    )
+    assert bridge.process is not None
+    write_api.silent.set()
+    messages = readings(["S1", "S2"], 20)
+    publish(broker.port, messages)
+
+    def timeouts() -> float:
+        return bridge.metric("fmi_bridge_lane_failed_total", 'lane="bigquery/readings",code="ERROR"')
+
+    wait_until(lambda: timeouts() >= 2, 60, "the first timeouts")
+    threads = threads_of(bridge.process.pid)
+    wait_until(lambda: timeouts() >= 6, 90, "more timeouts")
+    assert threads_of(bridge.process.pid) <= threads + 1  # a connection a timeout, closed: no thread left behind
+    write_api.silent.clear()
+
+    wait_until(lambda: settled(bridge, len(messages)), 60, "every row once the service answers")
+    assert row_count(cloud) == sorted(expected_ids(messages))
+    cloud.reader.close()
+
+
+def threads_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
