@@ -289,6 +289,9 @@ class StorageWriteSink:
         return result
 
     def _landed(self, result: WriteResult) -> WriteResult:
+        """Notes the stream's use when something landed on it: its time to live counts from traffic."""
+        if not result.done and not result.dead_letters:
+            return result
         self._used_at = now = time.time()
         if self._spool is not None and (self._used_saved is None or now - self._used_saved > USE_SAVED_SECONDS):
             self._spool.write_stream_used(self._stream_key, now)  # a write a minute at most: it needs no precision
