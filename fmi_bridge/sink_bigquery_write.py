@@ -41,7 +41,7 @@ from fmi_bridge.bigquery_write_errors import Meaning, Refusal
 from fmi_bridge.events import dead_letter_row
 from fmi_bridge.sink_bigquery import DEAD_LETTER_REASON, REQUEST_BYTES, Destination
 from fmi_bridge.sinks import BIGQUERY, WriteResult, missing
-from fmi_bridge.spool import READING, Record, Spool
+from fmi_bridge.spool import READING, Record, Spool, SpoolError
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +294,11 @@ class StorageWriteSink:
             return result
         self._used_at = now = time.time()
         if self._spool is not None and (self._used_saved is None or now - self._used_saved > USE_SAVED_SECONDS):
-            self._spool.write_stream_used(self._stream_key, now)  # a write a minute at most: it needs no precision
-            self._used_saved = now
+            try:
+                self._spool.write_stream_used(self._stream_key, now)  # a write a minute at most: no precision needed
+                self._used_saved = now
+            except SpoolError:  # e.g. a full disk: the settle that follows says so; the rows did land
+                pass
         return result
 
     def _after_refusal(self, ids: list[int], refusal: Refusal) -> WriteResult:
