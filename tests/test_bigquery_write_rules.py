@@ -159,12 +159,12 @@ def test_an_expired_stream_is_replaced_and_every_row_lands_once(
 ) -> None:
     """The status code (INVALID_ARGUMENT) alone says "retry"; the StorageError detail says the stream is gone."""
     cloud = make_cloud(pubsub_endpoint, own_bigquery)
-    write_api.stream_ttl_seconds = 2
+    write_api.stream_ttl_seconds = 3  # long enough for a loaded machine to use a new stream within it
     bridge = start_bridge(bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=write_api.host)
     first, later = readings(["S1", "S2"], 10), readings(["S1", "S2"], 10, start=10)
     publish(broker.port, first)
     wait_until(lambda: settled(bridge, len(first)), 30, "the first rows")
-    time.sleep(3)  # the stream expires
+    time.sleep(4)  # the stream expires
 
     publish(broker.port, later)
 
