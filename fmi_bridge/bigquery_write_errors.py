@@ -15,7 +15,8 @@ from typing import Any
 
 from google.cloud.bigquery_storage_v1 import types
 
-NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, OUT_OF_RANGE = 5, 6, 9, 11  # google.rpc.Code
+INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED = 3, 5, 6, 7  # google.rpc.Code
+FAILED_PRECONDITION, OUT_OF_RANGE, UNAUTHENTICATED = 9, 11, 16
 STORAGE_ERROR_TYPE = "type.googleapis.com/google.cloud.bigquery.storage.v1.StorageError"
 _Code = types.StorageError.StorageErrorCode
 
@@ -32,6 +33,8 @@ class Meaning(Enum):
     STREAM_GONE = "the stream is gone, expired or finalized"
     SCHEMA = "the table lacks fields the rows have"
     TABLE_MISSING = "the table does not exist"
+    DENIED = "the service refuses the bridge's identity"
+    REFUSED = "the service refuses the append as a whole"  # INVALID_ARGUMENT with no detail the sink knows
     RETRY = "anything else: the same append again after a backoff"
 
 
@@ -47,6 +50,9 @@ _BY_DETAIL = {
     _Code.TABLE_NOT_FOUND: Meaning.TABLE_MISSING,
 }
 _BY_CODE = {
+    INVALID_ARGUMENT: Meaning.REFUSED,
+    PERMISSION_DENIED: Meaning.DENIED,
+    UNAUTHENTICATED: Meaning.DENIED,
     ALREADY_EXISTS: Meaning.WRITTEN,
     OUT_OF_RANGE: Meaning.BEYOND_END,
     NOT_FOUND: Meaning.STREAM_GONE,

@@ -17,8 +17,9 @@ Rules, per lane (what a refusal means: fmi_bridge/bigquery_write_errors.py, the 
   that landed on a stream that is then lost is sent once more.
 - A stream unused for BIGQUERY_STREAM_MAX_IDLE_SECONDS is replaced before the next batch gets offsets, so it is
   never met expired; with no append unsettled at that moment, the change writes nothing twice.
-- A table that lacks the rows' columns (SCHEMA_MISMATCH_EXTRA_FIELDS) or is missing: one ERROR line naming it and
-  `provision`, then the batch is retried with backoff, like anything else (UNAVAILABLE, deadlines, grants).
+- What waiting cannot cure (a table that lacks the rows' columns or is missing, a grant, an append refused whole):
+  one ERROR line naming it and what to do, once per change; then, like anything else (UNAVAILABLE, deadlines),
+  the batch is retried with backoff.
 Streams are reused across restarts (their names are in the spool), so CreateWriteStream's quota is not spent
 on every start.
 """
@@ -50,6 +51,15 @@ OK = 0
 # committed streams): replaced a day before that, when the lane next has something to send.
 STREAM_MAX_IDLE_SECONDS = 3 * 86_400
 USE_SAVED_SECONDS = 60.0
+# Refusals waiting cannot cure: logged once per change as an ERROR saying what to do; the append is retried with
+# backoff meanwhile, so the lane goes on by itself once the cause is fixed.
+PROVISION = "run `python mqtt_subscriber.py provision`: it creates the table and adds missing columns"
+OPERATOR_ACTIONS = {
+    Meaning.SCHEMA: PROVISION,
+    Meaning.TABLE_MISSING: PROVISION,
+    Meaning.DENIED: "grant the bridge's service account roles/bigquery.dataEditor on the dataset (docs/deploy.md)",
+    Meaning.REFUSED: "the error says why; a table changed by hand: compare it with schemas/ and run provision",
+}
 # Rows of one append: the Write API's request limit is 10 MB ("AppendRows request size", BigQuery quotas; the
 # client's docstring says 20 MB), less room for the stream name, the writer schema and framing.
 APPEND_ROW_BYTES = REQUEST_BYTES - 64 * 1024
@@ -311,7 +321,7 @@ class StorageWriteSink:
                 extra={"lane": self.lane, "stream": self._stream, "error": refusal.describe()[:300]},
             )
             self._new_stream(self._spool, meaning.value)
-        elif meaning in (Meaning.SCHEMA, Meaning.TABLE_MISSING):
+        elif meaning in OPERATOR_ACTIONS:
             self._report(refusal, meaning)
         return WriteResult(retry=ids, error=error)
 
@@ -327,7 +337,7 @@ class StorageWriteSink:
                 "lane": self.lane,
                 "table": self.destination.table,
                 "error": said[:300],
-                "action": "run `python mqtt_subscriber.py provision`: it creates the table and adds missing columns",
+                "action": OPERATOR_ACTIONS[meaning],
             },
         )
 

@@ -75,6 +75,7 @@ class WriteApiConformance:
     window_days: tuple[int, int] = WINDOW_DAYS
     refuse: bytes | None = None  # fault injection: rows of `refuse_table` containing these bytes are refused
     refuse_table: str = "readings"
+    refuse_whole: bytes | None = None  # fault injection: an append with a row containing these is refused whole
     idle_close_seconds: float = IDLE_CLOSE_SECONDS
     round_trip_seconds: float = 0.0  # latency model: each append answered no sooner than this after it was sent
     connect_seconds: float = 0.0  # latency model: what opening an AppendRows connection costs
@@ -203,6 +204,10 @@ class WriteApiConformance:
                 code_pb2.INVALID_ARGUMENT, _StorageCode.SCHEMA_MISMATCH_EXTRA_FIELDS, table, message
             )
             return self._refuse("writer schema fields", message, _Response(error=status))
+        rows = request.proto_rows.rows.serialized_rows
+        if self.refuse_whole is not None and any(self.refuse_whole in row for row in rows):
+            message = "Invalid request: the append is refused (injected, with no detail)"
+            return self._refuse("injected", message, _Response(error=_status(code_pb2.INVALID_ARGUMENT, message)))
         injected = self.refuse if table.endswith(f"/tables/{self.refuse_table}") else None
         row_errors = self._row_errors(
             request.proto_rows.rows.serialized_rows, row_class, info.partition_field, injected

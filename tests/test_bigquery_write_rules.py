@@ -437,3 +437,31 @@ def test_a_silent_service_costs_a_timeout_and_a_new_connection_not_a_thread_each
 def threads_of(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
+
+
+def test_an_append_refused_whole_without_a_detail_is_one_error_naming_what_to_do(
+    broker: Broker,
+    pubsub_endpoint: PubSubEndpoint,
+    own_bigquery: BigQueryEmulator,
+    write_api: WriteApiConformance,
+    bridges: Callable[..., Bridge],
+) -> None:
+    """Waiting cannot cure it, so an operator must hear of it; the lane goes on by itself once it is cured."""
+    cloud = make_cloud(pubsub_endpoint, own_bigquery)
+    write_api.refuse_whole = b"S1"
+    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=write_api.host)
+    messages = readings(["S1"], 10)
+    publish(broker.port, messages)
+
+    def errors() -> list[dict[str, Any]]:
+        return [e for e in bridge.log_entries() if e.get("message", "").startswith("BigQuery refuses every append")]
+
+    wait_until(lambda: len(write_api.refused("injected")) >= 3, 30, "the append refused again and again")
+    assert len(errors()) == 1  # once, however often it is retried
+    assert errors()[0]["severity"] == "ERROR" and "the append is refused" in errors()[0]["error"]
+    assert "provision" in errors()[0]["action"]
+    write_api.refuse_whole = None
+
+    wait_until(lambda: settled(bridge, len(messages)), 60, "the rows, once it is cured")
+    assert row_count(cloud) == sorted(expected_ids(messages))
+    cloud.reader.close()
