@@ -425,7 +425,7 @@ def test_a_silent_service_costs_a_timeout_and_a_new_connection_not_a_thread_each
 
     wait_until(lambda: timeouts() >= 2, 60, "the first timeouts")
     threads = threads_of(bridge.process.pid)
-    wait_until(lambda: timeouts() >= 6, 90, "more timeouts")
+    wait_until(lambda: timeouts() >= 4, 90, "more timeouts")
     assert threads_of(bridge.process.pid) <= threads + 1  # a connection a timeout, closed: no thread left behind
     write_api.silent.clear()
 
