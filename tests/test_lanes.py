@@ -430,7 +430,7 @@ def test_a_stalled_loop_fails_liveness_naming_it_and_recovers(
         SINK_TIMEOUT_SECONDS="60", LIVENESS_STALL_SECONDS="10",
     )  # fmt: skip
     assert bridge.status("/liveness_check") == (200, "ok\n")
-    bigquery_proxy.faults.latency_seconds = 25.0  # every insertAll hangs this long, within its 60 s deadline
+    bigquery_proxy.faults.latency_seconds = 15.0  # every insertAll hangs this long, within its 60 s deadline
 
     publish(broker.port, readings(SITES, 5))
 
