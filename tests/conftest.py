@@ -232,6 +232,14 @@ def cloud(pubsub_endpoint: PubSubEndpoint, bigquery: BigQueryEmulator) -> Iterat
 
 
 @pytest.fixture
+def own_cloud(pubsub_endpoint: PubSubEndpoint, own_bigquery: BigQueryEmulator) -> Iterator[Cloud]:
+    """As `cloud`, on a BigQuery emulator of the test's own."""
+    setup = make_cloud(pubsub_endpoint, own_bigquery)
+    yield setup
+    setup.reader.close()
+
+
+@pytest.fixture
 def bridges(tmp_path: Path) -> Iterator[Callable[..., Bridge]]:
     """Makes bridge processes sharing one work folder (so one spool); all are killed at the end."""
     made: list[Bridge] = []

@@ -27,7 +27,7 @@ from fmi_bridge.sinks import BIGQUERY
 from fmi_bridge.spool import READING, entry
 from mqtt_subscriber import open_spool
 from tests.bigquery_write_conformance import REQUEST_LIMIT, WriteApiConformance
-from tests.conftest import PROJECT, Cloud, PubSubEndpoint, cloud_env, make_cloud, start_bridge
+from tests.conftest import PROJECT, Cloud, PubSubEndpoint, cloud_env, start_bridge
 from tests.support import (
     BigQueryEmulator,
     Bridge,
@@ -44,6 +44,12 @@ from tests.test_spool_safety import command
 pytestmark = pytest.mark.slow
 
 ENCODER = RowEncoder(SCHEMAS / "bigquery_readings.json")
+
+
+@pytest.fixture
+def cloud(own_cloud: Cloud) -> Cloud:
+    """Here each test has a BigQuery emulator of its own, behind the Write API layer (`write_api`)."""
+    return own_cloud
 
 
 def row_of(message: Published, received_at: datetime | None = None) -> dict[str, Any]:
@@ -77,10 +83,9 @@ def new_stream(client: Any, table: str) -> str:
     return str(made.name)
 
 
-def writer(write_api: WriteApiConformance, cloud: Cloud) -> Any:
-    return cloud_clients.bigquery_write_client(
-        Config.from_env({**cloud.env, "BIGQUERY_STORAGE_EMULATOR_HOST": write_api.host})
-    )
+def writer(cloud: Cloud) -> Any:
+    """A Write API client of the test's own, through the layer, as the bridge's."""
+    return cloud_clients.bigquery_write_client(Config.from_env(cloud.env))
 
 
 def settled(bridge: Bridge, count: int) -> bool:
@@ -97,10 +102,9 @@ def row_count(cloud: Cloud) -> list[str]:
 
 @pytest.mark.bigquery_refusals
 def test_the_layer_refuses_what_bigquery_refuses_with_its_codes_and_details(
-    pubsub_endpoint: PubSubEndpoint, own_bigquery: BigQueryEmulator, write_api: WriteApiConformance, tmp_path: Path
+    cloud: Cloud, write_api: WriteApiConformance, tmp_path: Path
 ) -> None:
-    cloud = make_cloud(pubsub_endpoint, own_bigquery)
-    client = writer(write_api, cloud)
+    client = writer(cloud)
     stream = new_stream(client, cloud.readings_table)
     good = ENCODER.encode(row_of(readings(["S1"], 1)[0]))
 
@@ -143,7 +147,6 @@ def test_the_layer_refuses_what_bigquery_refuses_with_its_codes_and_details(
         "stream time to live",
     ]
     assert row_count(cloud) == sorted(expected_ids(readings(["S1"], 1)))  # only the one good append
-    cloud.reader.close()
 
 
 # -- the bridge on each rule ----------------------------------------------------------------------------------
@@ -152,15 +155,13 @@ def test_the_layer_refuses_what_bigquery_refuses_with_its_codes_and_details(
 @pytest.mark.bigquery_refusals
 def test_an_expired_stream_is_replaced_and_every_row_lands_once(
     broker: Broker,
-    pubsub_endpoint: PubSubEndpoint,
-    own_bigquery: BigQueryEmulator,
+    cloud: Cloud,
     write_api: WriteApiConformance,
     bridges: Callable[..., Bridge],
 ) -> None:
     """The status code (INVALID_ARGUMENT) alone says "retry"; the StorageError detail says the stream is gone."""
-    cloud = make_cloud(pubsub_endpoint, own_bigquery)
     write_api.stream_ttl_seconds = 3  # long enough for a loaded machine to use a new stream within it
-    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=write_api.host)
+    bridge = start_bridge(bridges, cloud, broker)
     first, later = readings(["S1", "S2"], 10), readings(["S1", "S2"], 10, start=10)
     publish(broker.port, first)
     wait_until(lambda: settled(bridge, len(first)), 30, "the first rows")
@@ -173,20 +174,17 @@ def test_an_expired_stream_is_replaced_and_every_row_lands_once(
     lost = [e for e in bridge.log_entries() if e.get("message") == "BigQuery write stream lost; opening a new one"]
     assert len(lost) == 1 and "STREAM_NOT_FOUND" in lost[0]["error"]
     assert row_count(cloud) == sorted(expected_ids(first + later))  # counted: none twice, none lost
-    cloud.reader.close()
 
 
 def test_an_idle_stream_is_replaced_before_it_can_expire(
     broker: Broker,
-    pubsub_endpoint: PubSubEndpoint,
-    own_bigquery: BigQueryEmulator,
+    cloud: Cloud,
     write_api: WriteApiConformance,
     bridges: Callable[..., Bridge],
 ) -> None:
     """Not marked: a refusal by the layer (the stream met expired) fails this test."""
-    cloud = make_cloud(pubsub_endpoint, own_bigquery)
     write_api.stream_ttl_seconds = 3
-    env = {"BIGQUERY_STORAGE_EMULATOR_HOST": write_api.host, "BIGQUERY_STREAM_MAX_IDLE_SECONDS": "1.5"}
+    env = {"BIGQUERY_STREAM_MAX_IDLE_SECONDS": "1.5"}
     bridge = start_bridge(bridges, cloud, broker, **env)
     first, later = readings(["S1"], 5), readings(["S1"], 5, start=5)
     publish(broker.port, first)
@@ -199,7 +197,6 @@ def test_an_idle_stream_is_replaced_before_it_can_expire(
     opened = [e for e in bridge.log_entries() if e.get("message") == "opened a BigQuery write stream"]
     assert [e["why"] for e in opened] == ["first use", "unused for more than 1.5 s"]
     assert row_count(cloud) == sorted(expected_ids(first + later))
-    cloud.reader.close()
 
 
 @pytest.mark.bigquery_refusals
@@ -211,7 +208,6 @@ def test_a_table_behind_the_release_is_named_once_and_provision_cures_it(
     bridges: Callable[..., Bridge],
 ) -> None:
     env = {**cloud_env(pubsub_endpoint, own_bigquery), "MQTT_PORT": str(broker.port)}
-    env["BIGQUERY_STORAGE_EMULATOR_HOST"] = write_api.host
     config = Config.from_env(env)
     client = own_bigquery.client()
     client.create_dataset(f"{PROJECT}.{config.bigquery_dataset}")
@@ -245,15 +241,13 @@ def test_a_table_behind_the_release_is_named_once_and_provision_cures_it(
 @pytest.mark.bigquery_refusals
 def test_a_reading_that_left_the_partition_window_is_dead_lettered_and_the_lane_goes_on(
     broker: Broker,
-    pubsub_endpoint: PubSubEndpoint,
-    own_bigquery: BigQueryEmulator,
+    cloud: Cloud,
     write_api: WriteApiConformance,
     bridges: Callable[..., Bridge],
 ) -> None:
     """A window wider than the service's (as if the reading had aged in the spool): BigQuery refuses that row
     alone; it goes to the rejects table, and the readings around it land."""
-    cloud = make_cloud(pubsub_endpoint, own_bigquery)
-    env = {"BIGQUERY_STORAGE_EMULATOR_HOST": write_api.host, "BIGQUERY_PARTITION_DAYS_PAST": "4000"}
+    env = {"BIGQUERY_PARTITION_DAYS_PAST": "4000"}
     bridge = start_bridge(bridges, cloud, broker, **env)
     stale_day = (datetime.now(UTC) - timedelta(days=2000)).strftime("%Y-%m-%dT00:00:00Z")
     stale = Published(
@@ -271,31 +265,26 @@ def test_a_reading_that_left_the_partition_window_is_dead_lettered_and_the_lane_
     assert [(row["event_id"], row["reason"]) for row in rejects] == [(*expected_ids([stale]), "bigquery_rejected")]
     assert "outside the allowed bounds" in rejects[0]["detail"]
     assert cloud.reader.wait_for(len(good) + 1, timeout=30) == expected_ids([*good, stale])  # Pub/Sub had it
-    cloud.reader.close()
 
 
 def test_a_batch_only_partly_landed_before_a_power_cut_is_completed_not_settled_short(
     broker: Broker,
-    pubsub_endpoint: PubSubEndpoint,
-    own_bigquery: BigQueryEmulator,
-    write_api: WriteApiConformance,
+    cloud: Cloud,
     bridges: Callable[..., Bridge],
     tmp_path: Path,
 ) -> None:
     """The spool as a power cut can leave it: an append of the first 10 records landed at offsets 0-9, but the
     assignment of those offsets was rolled back, so all 20 records are owed from offset 0 on the same stream.
     The resend of 20 at offset 0 is answered ALREADY_EXISTS; settling all 20 on it would lose rows 10-19."""
-    cloud = make_cloud(pubsub_endpoint, own_bigquery)
     env = {
         **cloud.env,
         "MQTT_PORT": str(broker.port),
-        "BIGQUERY_STORAGE_EMULATOR_HOST": write_api.host,
         "SPOOL_DIR": str(tmp_path / "spool"),
     }
     config = Config.from_env(env)
     messages = readings(["S1"], 20)
     rows = [row_of(message) for message in messages]
-    client = writer(write_api, cloud)
+    client = writer(cloud)
     stream = new_stream(client, cloud.readings_table)
     landed = append(client, stream, [ENCODER.encode(row) for row in rows[:10]], 0)
     assert landed.append_result.offset == 0 and not landed.row_errors
@@ -311,7 +300,6 @@ def test_a_batch_only_partly_landed_before_a_power_cut_is_completed_not_settled_
     assert row_count(cloud) == sorted(expected_ids(messages))  # 20 rows, each once
     completed = [e for e in bridge.log_entries() if e.get("message", "").startswith("an earlier send had landed")]
     assert [(e["landed"], e["written"]) for e in completed] == [(10, 10)]
-    cloud.reader.close()
 
 
 # -- the connection ----------------------------------------------------------------------------------------------
@@ -319,16 +307,12 @@ def test_a_batch_only_partly_landed_before_a_power_cut_is_completed_not_settled_
 
 def test_appends_share_one_connection_which_is_reopened_after_the_service_closes_it_idle(
     broker: Broker,
-    pubsub_endpoint: PubSubEndpoint,
-    own_bigquery: BigQueryEmulator,
+    cloud: Cloud,
     write_api: WriteApiConformance,
     bridges: Callable[..., Bridge],
 ) -> None:
-    cloud = make_cloud(pubsub_endpoint, own_bigquery)
     write_api.idle_close_seconds = 1.5
-    bridge = start_bridge(
-        bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=write_api.host, BIGQUERY_APPEND_ROWS="50"
-    )
+    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_APPEND_ROWS="50")
     first, later = readings(["S1", "S2"], 500), readings(["S1", "S2"], 20, start=500)
     publish(broker.port, first)
     wait_until(lambda: settled(bridge, len(first)), 60, "the first rows")
@@ -341,26 +325,22 @@ def test_appends_share_one_connection_which_is_reopened_after_the_service_closes
     assert write_api.connections == 2
     assert bridge.metric("fmi_bridge_lane_failed_total", 'lane="bigquery/readings",code="ERROR"') == 0  # not a failure
     assert row_count(cloud) == sorted(expected_ids(first + later))
-    cloud.reader.close()
 
 
 def test_spool_import_keeps_exactly_once_for_appends_the_source_had_sent(
     broker: Broker,
-    pubsub_endpoint: PubSubEndpoint,
-    own_bigquery: BigQueryEmulator,
-    write_api: WriteApiConformance,
+    cloud: Cloud,
     bridges: Callable[..., Bridge],
     tmp_path: Path,
 ) -> None:
     """The source spool as a bridge killed after an append landed leaves it: 20 records with offsets on its
     stream, in the table, not yet settled. Imported without them, they would be written a second time."""
-    cloud = make_cloud(pubsub_endpoint, own_bigquery)
-    env = {**cloud.env, "MQTT_PORT": str(broker.port), "BIGQUERY_STORAGE_EMULATOR_HOST": write_api.host}
+    env = {**cloud.env, "MQTT_PORT": str(broker.port)}
     old, live = tmp_path / "old", tmp_path / "live"
     source_config = Config.from_env({**env, "SPOOL_DIR": str(old)})
     messages = readings(["S1", "S2"], 10)
     rows = [row_of(message) for message in messages]
-    client = writer(write_api, cloud)
+    client = writer(cloud)
     stream = new_stream(client, cloud.readings_table)
     source = open_spool(source_config)
     source.append([entry(READING, row["site_code"], row) for row in rows])
@@ -378,20 +358,16 @@ def test_spool_import_keeps_exactly_once_for_appends_the_source_had_sent(
 
     assert row_count(cloud) == sorted(expected_ids(messages))  # counted: each row once, not twice
     assert cloud.reader.wait_for(len(messages), 30) == expected_ids(messages)
-    cloud.reader.close()
 
 
 def test_large_rows_go_in_appends_under_the_request_limit(
     broker: Broker,
-    pubsub_endpoint: PubSubEndpoint,
-    own_bigquery: BigQueryEmulator,
-    write_api: WriteApiConformance,
+    cloud: Cloud,
     bridges: Callable[..., Bridge],
 ) -> None:
     """400 readings of 30 KB: the default 2,000 rows an append would be 12 MB. Not marked: an append over the
     layer's 10 MB fails the test."""
-    cloud = make_cloud(pubsub_endpoint, own_bigquery)
-    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=write_api.host)
+    bridge = start_bridge(bridges, cloud, broker)
     pad = "x" * 30_000
     big = [
         Published(m.topic, json.dumps({**json.loads(m.payload), "pad": pad}).encode()) for m in readings(["S1"], 400)
@@ -401,20 +377,15 @@ def test_large_rows_go_in_appends_under_the_request_limit(
     wait_until(lambda: settled(bridge, len(big)), 90, "every large row")
     assert row_count(cloud) == sorted(expected_ids(big))
     assert bridge.metric("fmi_bridge_sink_dead_lettered_total", 'sink="bigquery"') == 0
-    cloud.reader.close()
 
 
 def test_a_silent_service_costs_a_timeout_and_a_new_connection_not_a_thread_each_time(
     broker: Broker,
-    pubsub_endpoint: PubSubEndpoint,
-    own_bigquery: BigQueryEmulator,
+    cloud: Cloud,
     write_api: WriteApiConformance,
     bridges: Callable[..., Bridge],
 ) -> None:
-    cloud = make_cloud(pubsub_endpoint, own_bigquery)
-    bridge = start_bridge(
-        bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=write_api.host, SINK_TIMEOUT_SECONDS="1"
-    )
+    bridge = start_bridge(bridges, cloud, broker, SINK_TIMEOUT_SECONDS="1")
     assert bridge.process is not None
     write_api.silent.set()
     messages = readings(["S1", "S2"], 20)
@@ -431,7 +402,6 @@ def test_a_silent_service_costs_a_timeout_and_a_new_connection_not_a_thread_each
 
     wait_until(lambda: settled(bridge, len(messages)), 60, "every row once the service answers")
     assert row_count(cloud) == sorted(expected_ids(messages))
-    cloud.reader.close()
 
 
 def threads_of(pid: int) -> int:
@@ -441,15 +411,13 @@ def threads_of(pid: int) -> int:
 
 def test_an_append_refused_whole_without_a_detail_is_one_error_naming_what_to_do(
     broker: Broker,
-    pubsub_endpoint: PubSubEndpoint,
-    own_bigquery: BigQueryEmulator,
+    cloud: Cloud,
     write_api: WriteApiConformance,
     bridges: Callable[..., Bridge],
 ) -> None:
     """Waiting cannot cure it, so an operator must hear of it; the lane goes on by itself once it is cured."""
-    cloud = make_cloud(pubsub_endpoint, own_bigquery)
     write_api.refuse_whole = b"S1"
-    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=write_api.host)
+    bridge = start_bridge(bridges, cloud, broker)
     messages = readings(["S1"], 10)
     publish(broker.port, messages)
 
@@ -464,4 +432,3 @@ def test_an_append_refused_whole_without_a_detail_is_one_error_naming_what_to_do
 
     wait_until(lambda: settled(bridge, len(messages)), 60, "the rows, once it is cured")
     assert row_count(cloud) == sorted(expected_ids(messages))
-    cloud.reader.close()

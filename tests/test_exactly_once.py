@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.bigquery_write_conformance import WriteApiConformance
-from tests.conftest import PubSubEndpoint, make_cloud, start_bridge
+from tests.conftest import Cloud, start_bridge
 from tests.support import (
     BigQueryEmulator,
     Bridge,
@@ -30,15 +30,19 @@ from tests.test_spool_safety import fill, small_disk
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture
+def cloud(own_cloud: Cloud) -> Cloud:
+    """Here each test has a BigQuery emulator of its own (one is stopped), behind the Write API layer."""
+    return own_cloud
+
+
 def test_kill_9_between_append_and_settle_leaves_exactly_one_row_per_reading(
     broker: Broker,
-    pubsub_endpoint: PubSubEndpoint,
+    cloud: Cloud,
     own_bigquery: BigQueryEmulator,
-    write_api: WriteApiConformance,
     bridges: Callable[..., Bridge],
     tmp_path: Path,
 ) -> None:
-    cloud = make_cloud(pubsub_endpoint, own_bigquery)
     assert own_bigquery.process is not None
     with small_disk(tmp_path / "disk", 40) as disk:
         spool = disk / "spool"
@@ -46,7 +50,6 @@ def test_kill_9_between_append_and_settle_leaves_exactly_one_row_per_reading(
             "SPOOL_DIR": str(spool),
             "SPOOL_MIN_FREE_BYTES": str(1024**2),
             "SINK_TIMEOUT_SECONDS": "2",
-            "BIGQUERY_STORAGE_EMULATOR_HOST": write_api.host,
         }
         bridge = start_bridge(bridges, cloud, broker, **env)
         first = readings(["S1", "S2"], 5)
@@ -80,18 +83,14 @@ def test_kill_9_between_append_and_settle_leaves_exactly_one_row_per_reading(
     table = cloud.readings_table
     assert bq_query(cloud.bq, f"SELECT count(*) AS n FROM `{table}`")[0]["n"] == len(first + rest)
     assert {row[0] for row in bq_query(cloud.bq, f"SELECT event_id FROM `{table}`")} == expected_ids(first + rest)
-    cloud.reader.close()
 
 
 def test_readings_and_rejects_go_through_their_write_streams(
     broker: Broker,
-    pubsub_endpoint: PubSubEndpoint,
-    own_bigquery: BigQueryEmulator,
-    write_api: WriteApiConformance,
+    cloud: Cloud,
     bridges: Callable[..., Bridge],
 ) -> None:
-    cloud = make_cloud(pubsub_endpoint, own_bigquery)
-    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=write_api.host)
+    bridge = start_bridge(bridges, cloud, broker)
     good = readings(["S1", "S2", "S3"], 400)
     bad = [Published("FCTS/FAE/S1/SolvExtract/T", b"not json %d" % n) for n in range(30)]
 
@@ -107,19 +106,16 @@ def test_readings_and_rejects_go_through_their_write_streams(
     rejects = bq_query(cloud.bq, f"SELECT reason FROM `{cloud.rejects_table}`")
     assert [row["reason"] for row in rejects] == ["bad_json"] * len(bad)
     assert '"opened a BigQuery write stream"' in bridge.output()
-    cloud.reader.close()
 
 
 def test_rows_the_write_api_refuses_go_to_the_rejects_table_and_the_rest_land_once(
     broker: Broker,
-    pubsub_endpoint: PubSubEndpoint,
-    own_bigquery: BigQueryEmulator,
+    cloud: Cloud,
     write_api: WriteApiConformance,
     bridges: Callable[..., Bridge],
 ) -> None:
-    cloud = make_cloud(pubsub_endpoint, own_bigquery)
     write_api.refuse = b"s-refused"
-    bridge = start_bridge(bridges, cloud, broker, BIGQUERY_STORAGE_EMULATOR_HOST=write_api.host)
+    bridge = start_bridge(bridges, cloud, broker)
     first = readings(["S1", "S2"], 100)
     refused = [reading(site, seq, sensor="s-refused") for seq in range(100, 105) for site in ("S1", "S2")]
     later = readings(["S1", "S2"], 20, start=200)
@@ -144,4 +140,3 @@ def test_rows_the_write_api_refuses_go_to_the_rejects_table_and_the_rest_land_on
     assert {row["reason"] for row in rejects} == {"bigquery_rejected"}
     assert all("field value refused" in row["detail"] for row in rejects)
     assert bridge.metric("fmi_bridge_sink_dead_lettered_total", 'sink="bigquery"') == len(refused)
-    cloud.reader.close()
