@@ -34,7 +34,6 @@ class AppendConnection:
         self._answers: queue.SimpleQueue[Any] | None = None
         self._ended = threading.Event()
         self._call: Any = None  # the open gRPC call
-        self.opened = 0
 
     def exchange(self, requests: list[Any]) -> list[Any]:
         """Send the appends (all to one stream) back to back; return, in order, each one's AppendRowsResponse, or
@@ -90,7 +89,6 @@ class AppendConnection:
 
         threading.Thread(target=incoming, name="bigquery-append-answers", daemon=True).start()
         self._requests, self._answers, self._ended, self._call = requests, answers, ended, call
-        self.opened += 1
 
     def close(self) -> None:
         if self._requests is None:

@@ -202,8 +202,12 @@ class StorageWriteSink:
         try:
             return self._landed(self._send(records, probe=True))
         except Exception as exc:  # transient, or an operator's to fix: same records, same offsets, later
-            error = f"append to {self._stream} failed: {type(exc).__name__}: {exc}"[:400]
-            return WriteResult(retry=[record.id for record in records], error=error)
+            return self._unanswered(records, exc)
+
+    def _unanswered(self, records: list[Record], exc: BaseException) -> WriteResult:
+        """The records stay in the spool with their offsets and are sent again after a backoff."""
+        error = f"append to {self._stream} failed: {type(exc).__name__}: {exc}"[:400]
+        return WriteResult(retry=[record.id for record in records], error=error)
 
     def _send(self, records: list[Record], *, probe: bool) -> WriteResult:
         """The records as appends of at most `batch_size` rows and REQUEST_BYTES, all in flight on the open
@@ -221,8 +225,7 @@ class StorageWriteSink:
                 continue
             rest = records[start:]
             if isinstance(outcome, BaseException):
-                error = f"append to {self._stream} failed: {type(outcome).__name__}: {outcome}"[:400]
-                later = WriteResult(retry=[record.id for record in rest], error=error)
+                later = self._unanswered(rest, outcome)
             elif not isinstance(outcome, Refusal):
                 later = self._refused_rows(rest, outcome.row_errors)
             elif outcome.meaning is Meaning.WRITTEN and probe:
@@ -237,15 +240,15 @@ class StorageWriteSink:
         """(AppendRowsRequest, how many records it holds), in offset order."""
         chunks: list[tuple[Any, int]] = []
         rows: list[bytes] = []
-        size = 0
+        size, first = 0, records[0].offset
         for record in records:
             row = self.encoder.encode(record.row)
             if rows and (len(rows) == self.batch_size or size + len(row) > APPEND_ROW_BYTES):
-                chunks.append((self._request(rows, records[sum(n for _, n in chunks)].offset), len(rows)))
-                rows, size = [], 0
+                chunks.append((self._request(rows, first), len(rows)))
+                rows, size, first = [], 0, record.offset
             rows.append(row)
             size += len(row) + 3  # a row's tag and length in ProtoRows
-        chunks.append((self._request(rows, records[sum(n for _, n in chunks)].offset), len(rows)))
+        chunks.append((self._request(rows, first), len(rows)))
         return chunks
 
     def _request(self, rows: list[bytes], offset: int | None) -> Any:

@@ -392,9 +392,7 @@ class Spool:
             if conn.execute("SELECT 1 FROM imports WHERE fingerprint = ?", (fingerprint,)).fetchone():
                 return False
             for stream in streams:
-                if conn.execute(
-                    "SELECT 1 FROM records WHERE write_offset IS NOT NULL AND kind = ? LIMIT 1", (stream.kind,)
-                ).fetchone():
+                if self.offsets_given(self.offset_bits, stream.kind):  # on this thread's connection: in the transaction
                     raise SpoolError(
                         "this spool holds BigQuery appends not yet confirmed; run the bridge until `status` shows "
                         "nothing owed to BigQuery, stop it, and import again"
@@ -557,25 +555,14 @@ class Spool:
 
     def offsets_given(self, bit: int, kind: str) -> bool:
         """Whether records of this lane hold stream offsets: an append not yet known to have landed."""
-        row = (
-            self._connection()
-            .execute(
-                f"SELECT 1 FROM records WHERE write_offset IS NOT NULL AND kind = ? AND pending & {int(bit)} LIMIT 1",
-                (kind,),
-            )
-            .fetchone()
-        )
+        row = self._connection().execute(f"SELECT 1 FROM records WHERE {_given(bit)} LIMIT 1", (kind,)).fetchone()
         return row is not None
 
     def start_write_stream(self, lane: str, stream: str, bit: int, kind: str, at: float) -> None:
         """A new stream for the lane: offsets start at 0, and offsets given on an old stream are dropped."""
         with self._bookkeeping("recording a new write stream") as conn:
             conn.execute("INSERT OR REPLACE INTO write_streams VALUES (?, ?, 0, ?)", (lane, stream, at))
-            conn.execute(
-                "UPDATE records SET write_offset = NULL "
-                f"WHERE write_offset IS NOT NULL AND kind = ? AND pending & {int(bit)}",
-                (kind,),
-            )
+            conn.execute(f"UPDATE records SET write_offset = NULL WHERE {_given(bit)}", (kind,))
 
     def offset_batch(self, lane: str, bit: int, kind: str, limit: int, max_bytes: int) -> list[Record]:
         """The lane's next batch, every record with its stream offset, committed before anything is sent.
@@ -586,8 +573,7 @@ class Spool:
         """
         conn = self._connection()
         given = conn.execute(
-            f"SELECT id, kind, site_code, body, size, write_offset FROM records "
-            f"WHERE write_offset IS NOT NULL AND kind = ? AND pending & {int(bit)} ORDER BY id",
+            f"SELECT id, kind, site_code, body, size, write_offset FROM records WHERE {_given(bit)} ORDER BY id",
             (kind,),
         ).fetchall()
         if given:
@@ -705,3 +691,8 @@ def _owed_by_rows(bits_and_sizes: Iterable[tuple[int, int]]) -> dict[int, tuple[
 
 def _bits(mask: int) -> list[int]:
     return [1 << shift for shift in range(mask.bit_length()) if mask & (1 << shift)]
+
+
+def _given(bit: int) -> str:
+    """Records of one kind (the `?` parameter) holding offsets of the sink with `bit`: sent, not yet settled."""
+    return f"write_offset IS NOT NULL AND kind = ? AND pending & {int(bit)}"
