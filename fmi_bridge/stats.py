@@ -7,6 +7,7 @@ is older than SINK_LAG_WARN_SECONDS.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -78,7 +79,8 @@ class StatsReporter:
                     "sink is falling behind: its oldest record waits longer than SINK_LAG_WARN_SECONDS",
                     extra={
                         "sink": name,
-                        "oldest_age_seconds": round(owed.oldest_age_seconds, 1),
+                        # Up, to a tenth: a figure rounded down to the threshold would contradict "longer than".
+                        "oldest_age_seconds": math.ceil(owed.oldest_age_seconds * 10) / 10,
                         "owed_records": owed.records,
                         "owed_bytes": owed.bytes,
                         "spool_seconds_to_full": None if left is None else round(left),
