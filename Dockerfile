@@ -38,4 +38,4 @@ USER 10001:10001
 EXPOSE 8080 1883 8883
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/readiness_check', timeout=4)"]
-CMD ["python", "-m", "fmi_bridge.launch"]
+CMD ["python", "-m", "fmi_bridge.container.launch"]

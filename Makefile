@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 ## run: Mosquitto and the subscriber under Supervisor, APP_ENV=LOCAL (events are logged, nothing leaves the machine)
 run: system-packages $(VENV)/.runtime
-	APP_ENV=$${APP_ENV:-LOCAL} $(PY) -m fmi_bridge.launch
+	APP_ENV=$${APP_ENV:-LOCAL} $(PY) -m fmi_bridge.container.launch
 
 ## test: lint, the whole suite against real Mosquitto, Google's Pub/Sub emulator (the in-repo server for injected
 ## faults) and the BigQuery emulator, then the container built and run
@@ -20,7 +20,7 @@ test: setup
 
 ## container-test: build the Dockerfile with buildah on a stand-in base image, run it with podman (LOCAL and PRD)
 container-test: setup container-packages
-	$(PY) -m pytest -m container tests/test_container_image.py
+	$(PY) -m pytest -m container tests/container/test_image.py
 
 container-packages:
 	@command -v buildah >/dev/null && command -v podman >/dev/null && command -v debootstrap >/dev/null \

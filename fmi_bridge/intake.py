@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable
 
 from fmi_bridge.events import reading_row, reject_row
-from fmi_bridge.inbox import Inbox
 from fmi_bridge.logs import RateLimiter
 from fmi_bridge.metrics import Metrics
+from fmi_bridge.mqtt.inbox import Inbox
 from fmi_bridge.readings import UNPROCESSABLE, Inbound, Reading, Reject, payload_text, validate
-from fmi_bridge.sinks import REJECT_LOG_MESSAGE
+from fmi_bridge.sinks.contract import REJECT_LOG_MESSAGE
 from fmi_bridge.spool import READING, REJECT, Entry, Spool, SpoolDamagedError, SpoolError, SpoolFullError, entry
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fmi_bridge.partition_window import PartitionWindow
-from fmi_bridge.pubsub_limits import MAX_ATTRIBUTE_VALUE_BYTES, MAX_ORDERING_KEY_BYTES, too_long
+from fmi_bridge.sinks.pubsub_limits import MAX_ATTRIBUTE_VALUE_BYTES, MAX_ORDERING_KEY_BYTES, too_long
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 TOPIC_LEVELS = ("FCTS", "FAE", None, "SolvExtract", None)  # None: the site and pi_tag levels
@@ -30,7 +30,7 @@ BAD_TIMESTAMP = "bad_timestamp"
 TIMESTAMP_OUT_OF_WINDOW = "timestamp_out_of_window"  # BigQuery would refuse it: fmi_bridge/partition_window.py
 BAD_VALUE = "bad_value"
 # The site becomes the Pub/Sub ordering key and an attribute, pi_tag an attribute: a topic level longer than
-# Pub/Sub takes is refused there for good, so it is a reject at intake (limits: fmi_bridge/pubsub_limits.py).
+# Pub/Sub takes is refused there for good, so it is a reject at intake (limits: fmi_bridge/sinks/pubsub_limits.py).
 SITE_CODE_TOO_LONG = "site_code_too_long"
 PI_TAG_TOO_LONG = "pi_tag_too_long"
 UNPROCESSABLE = "unprocessable"  # passed validation, yet turning it into a record failed: kept, never fatal

@@ -11,6 +11,8 @@ stopwaitsecs and App Engine's 30 s):
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +23,18 @@ log = logging.getLogger(__name__)
 
 STEP_CAP_SECONDS = 5.0  # intake and link each finish in well under a second unless something is stuck
 CLOSE_SECONDS = 2.0  # kept back from the flush for stopping the senders and closing the clients
+
+
+def stop_requested() -> threading.Event:
+    """Set on SIGTERM (Supervisor, App Engine) or SIGINT (a terminal's Ctrl-C)."""
+    stopping = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stopping
 
 
 def stop_in_order(seconds: float, *, link: Any, loops: Loops, senders: Sequence[Any], sinks: Sequence[Any]) -> None:

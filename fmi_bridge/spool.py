@@ -381,7 +381,7 @@ class Spool:
     ) -> bool:
         """Take (id, kind, site_code, body, size, pending, created_at, write_offset) rows of another spool ahead
         of the records held here, in their order; False when rows with this fingerprint were imported before.
-        Rows with offsets keep them, and their lanes take over the source's `streams` (see spool_admin)."""
+        Rows with offsets keep them, and their lanes take over the source's `streams` (see commands/spool_admin.py)."""
         size = sum(row[4] for row in rows)
         if self._bytes + size > self.max_bytes:
             raise SpoolFullError(

@@ -19,11 +19,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from fmi_bridge.commands.provision import provision
 from fmi_bridge.config import Config
-from fmi_bridge.provision import provision
-from tests.bigquery_write_conformance import WriteApiConformance, table_info_from
-from tests.pubsub_conformance import PubSubConformanceLayer
-from tests.pubsub_server import Faults, PubSubServer
+from tests.sinks.bigquery_write_conformance import WriteApiConformance, table_info_from
+from tests.sinks.pubsub_conformance import PubSubConformanceLayer
+from tests.sinks.pubsub_server import Faults, PubSubServer
 from tests.support import (
     BigQueryEmulator,
     Bridge,

@@ -22,8 +22,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from fmi_bridge.broker_conf import BrokerSecurity, render
-from tests.bigquery_write_conformance import EMULATOR_LOCK
+from fmi_bridge.container.broker_conf import BrokerSecurity, render
+from tests.sinks.bigquery_write_conformance import EMULATOR_LOCK
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "FCTS/FAE/{site}/SolvExtract/{tag}"

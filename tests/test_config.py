@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from fmi_bridge.commands.cli import COMMANDS
 from fmi_bridge.config import SETTINGS, Config, ConfigError, markdown_table
-from fmi_bridge.launch import LAUNCH_SETTINGS
-from mqtt_subscriber import COMMANDS
-from tests.test_security import make_pki
+from fmi_bridge.container.launch import LAUNCH_SETTINGS
+from tests.container.test_security import make_pki
 from tools.readme_tables import render
 
 ROOT = Path(__file__).resolve().parent.parent

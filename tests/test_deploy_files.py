@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from fmi_bridge.config import ENVIRONMENTS, SETTINGS
-from fmi_bridge.launch import LAUNCH_SETTINGS
-from fmi_bridge.secrets import SECRET_FILE_VARIABLES
+from fmi_bridge.container.launch import LAUNCH_SETTINGS
+from fmi_bridge.container.secrets import SECRET_FILE_VARIABLES
 from tests.support import cloud_sdk_python, venv_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,7 +275,7 @@ def test_dockerfile_is_lint_clean_and_runs_as_non_root() -> None:
     user = re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)
     assert user and not user[-1].startswith(("0", "root"))
     assert 'VOLUME ["/data"]' in dockerfile and "EXPOSE 8080" in dockerfile and "HEALTHCHECK" in dockerfile
-    assert 'CMD ["python", "-m", "fmi_bridge.launch"]' in dockerfile
+    assert 'CMD ["python", "-m", "fmi_bridge.container.launch"]' in dockerfile
     copied = " ".join(re.findall(r"^COPY (.+)$", dockerfile, re.MULTILINE))
     assert "requirements.txt" in copied and "fmi_bridge/" in copied and "schemas/" in copied
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.bigquery_write_conformance import WriteApiConformance
 from tests.conftest import Cloud, start_bridge
+from tests.sinks.bigquery_write_conformance import WriteApiConformance
 from tests.support import (
     BigQueryEmulator,
     Bridge,

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from google.cloud import bigquery as bq
 
-from fmi_bridge.provision import table_resource
+from fmi_bridge.commands.provision import table_resource
 from tests.conftest import PROJECT, Cloud, PubSubEndpoint, assert_delivered, make_cloud, start_bridge, write_layer
-from tests.pubsub_server import Faults
+from tests.sinks.pubsub_server import Faults
 from tests.support import (
     BigQueryEmulator,
     Bridge,

@@ -14,9 +14,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fmi_bridge.inbox import Inbox
 from fmi_bridge.intake import Intake
 from fmi_bridge.metrics import Metrics
+from fmi_bridge.mqtt.inbox import Inbox
 from fmi_bridge.readings import BAD_ENCODING, BAD_JSON, REASONS, UNPROCESSABLE, Inbound
 from fmi_bridge.spool import READING, Spool
 

@@ -7,9 +7,9 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fmi_bridge.inbox import Inbox
 from fmi_bridge.intake import Intake
 from fmi_bridge.metrics import Metrics
+from fmi_bridge.mqtt.inbox import Inbox
 from fmi_bridge.readings import UNPROCESSABLE, Inbound, Reading, Reject, validate
 from fmi_bridge.spool import READING, REJECT, Spool
 from tests.support import wait_until

@@ -13,11 +13,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from google.cloud import bigquery as bq
 
+from fmi_bridge.commands.provision import table_resource
 from fmi_bridge.health import REQUEST_TIMEOUT_SECONDS
-from fmi_bridge.provision import table_resource
-from tests.bigquery_proxy import BigQueryProxy
 from tests.conftest import Cloud, start_bridge
-from tests.pubsub_server import Faults
+from tests.sinks.bigquery_proxy import BigQueryProxy
+from tests.sinks.pubsub_server import Faults
 from tests.support import (
     BigQueryEmulator,
     Bridge,

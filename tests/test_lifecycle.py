@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cloud, assert_delivered, start_bridge
-from tests.pubsub_server import Faults
+from tests.sinks.pubsub_server import Faults
 from tests.support import (
     Bridge,
     Broker,

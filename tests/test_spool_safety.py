@@ -18,7 +18,7 @@ from fmi_bridge.events import reading_row
 from fmi_bridge.readings import Inbound, Reading, validate
 from fmi_bridge.spool import READING, Spool, entry
 from tests.conftest import Cloud, start_bridge
-from tests.pubsub_server import Faults
+from tests.sinks.pubsub_server import Faults
 from tests.support import LOCAL_ONLY, ROOT, Bridge, Broker, expected_ids, publish, readings, wait_until
 
 pytestmark = pytest.mark.slow

@@ -43,12 +43,12 @@ from paho.mqtt.properties import Properties  # noqa: E402
 from paho.mqtt.subscribeoptions import SubscribeOptions  # noqa: E402
 
 from fmi_bridge.cloud import emulator_transport  # noqa: E402
+from fmi_bridge.commands.provision import provision  # noqa: E402
 from fmi_bridge.config import Config  # noqa: E402
 from fmi_bridge.events import kpi_message, reading_row  # noqa: E402
-from fmi_bridge.provision import provision  # noqa: E402
 from fmi_bridge.readings import Inbound, Reading, validate  # noqa: E402
-from tests.bigquery_write_conformance import WriteApiConformance, table_info_from  # noqa: E402
-from tests.pubsub_conformance import PubSubConformanceLayer  # noqa: E402
+from tests.sinks.bigquery_write_conformance import WriteApiConformance, table_info_from  # noqa: E402
+from tests.sinks.pubsub_conformance import PubSubConformanceLayer  # noqa: E402
 from tests.support import (  # noqa: E402
     BigQueryEmulator,
     Bridge,

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fmi_bridge.config import SETTINGS, Setting, markdown_table
-from fmi_bridge.launch import LAUNCH_SETTINGS
+from fmi_bridge.container.launch import LAUNCH_SETTINGS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TABLES: dict[str, tuple[Setting, ...]] = {"subscriber": SETTINGS, "launcher": LAUNCH_SETTINGS}

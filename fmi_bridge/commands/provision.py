@@ -11,16 +11,15 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from google.api_core import exceptions as api_exceptions
 from google.cloud.bigquery import DEFAULT_RETRY, Dataset, SchemaField, Table
 
-from fmi_bridge import cloud
+from fmi_bridge import APP_DIR, cloud
 from fmi_bridge.config import Config
 
-SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMAS = APP_DIR / "schemas"
 
 
 def table_resource(config: Config, table: str, schema_file: str) -> dict[str, Any]:

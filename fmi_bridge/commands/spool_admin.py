@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fmi_bridge.sinks import BIGQUERY, LOG, PUBSUB
+from fmi_bridge.sinks.contract import BIGQUERY, LOG, PUBSUB
 from fmi_bridge.spool import SPOOL_FILE, AdoptedStream, Spool, SpoolError
 
 SINK_BITS = {"pubsub": PUBSUB, "bigquery": BIGQUERY, "log": LOG}

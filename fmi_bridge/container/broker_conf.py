@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-BASE_CONF = Path(__file__).resolve().parent.parent / "mosquitto.conf"
+from fmi_bridge import APP_DIR
+
+BASE_CONF = APP_DIR / "mosquitto.conf"
 SECURED_ENVIRONMENTS = ("PPRD", "PRD")
 
 

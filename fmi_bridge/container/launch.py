@@ -1,8 +1,8 @@
 """Container start: check the subscriber's configuration, write this environment's Mosquitto configuration, then
 run supervisord and end with its outcome.
 
-python -m fmi_bridge.launch            (the image's CMD, and `make run`)
-python -m fmi_bridge.launch --render   only write the broker configuration and print its path
+python -m fmi_bridge.container.launch            (the image's CMD, and `make run`)
+python -m fmi_bridge.container.launch --render   only write the broker configuration and print its path
 
 Exit codes: 2 for a bad setting (one line naming it, before anything starts); 1 when a program could not be
 kept running (Supervisor gave up on it: FATAL); otherwise supervisord's own (0 after SIGTERM).
@@ -27,12 +27,12 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from fmi_bridge.broker_conf import SECURED_ENVIRONMENTS, BrokerSecurity, acl_text, render
+from fmi_bridge import APP_DIR
 from fmi_bridge.config import ENVIRONMENTS, Config, ConfigError, Setting, listen_address
-from fmi_bridge.secrets import SecretError, fetch_secrets
-from fmi_bridge.supervisor_watch import FATAL_MARKER
+from fmi_bridge.container.broker_conf import SECURED_ENVIRONMENTS, BrokerSecurity, acl_text, render
+from fmi_bridge.container.secrets import SecretError, fetch_secrets
+from fmi_bridge.container.supervisor_watch import FATAL_MARKER
 
-APP_DIR = Path(__file__).resolve().parent.parent
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 BROKER_USER = "mosquitto"  # Debian's package makes it: Mosquitto warns when it keeps root's rights
 

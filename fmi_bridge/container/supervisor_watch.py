@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-FATAL_MARKER = "fatal"  # in BRIDGE_RUN_DIR; fmi_bridge.launch reads it
+FATAL_MARKER = "fatal"  # in BRIDGE_RUN_DIR; fmi_bridge.container.launch reads it
 
 
 def main() -> int:

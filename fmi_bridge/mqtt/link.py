@@ -29,12 +29,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fmi_bridge import mqtt_publish_decoder
 from fmi_bridge.backoff import Backoff
 from fmi_bridge.config import Config
-from fmi_bridge.inbox import Inbox
 from fmi_bridge.logs import RateLimiter
 from fmi_bridge.metrics import Metrics
+from fmi_bridge.mqtt import publish_decoder
+from fmi_bridge.mqtt.inbox import Inbox
 from fmi_bridge.readings import Inbound
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,11 @@ class MqttLink:
         self.client.on_subscribe = self._on_subscribe
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
-        mqtt_publish_decoder.install()  # a property paho cannot parse costs neither the message nor the connection
+        publish_decoder.install()  # a property paho cannot parse costs neither the message nor the connection
         metrics.watch_count(
             "fmi_bridge_mqtt_properties_skipped",
             "Messages delivered without their MQTT 5 properties, which paho could not parse",
-            mqtt_publish_decoder.properties_skipped,
+            publish_decoder.properties_skipped,
         )
 
     # -- the connection loop (its own thread) ---------------------------------------------------------------

@@ -24,7 +24,7 @@ from google.api_core import exceptions as api_exceptions
 from google.api_core.retry import Retry
 
 from fmi_bridge.events import dead_letter_row
-from fmi_bridge.sinks import BIGQUERY, WriteResult, missing
+from fmi_bridge.sinks.contract import BIGQUERY, Sink, WriteResult, missing
 from fmi_bridge.spool import READING, REJECT, Record, Spool
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class _TransientError(Exception):
     pass
 
 
-class BigQuerySink:
+class BigQuerySink(Sink):
     name = "bigquery"
     bit = BIGQUERY
 

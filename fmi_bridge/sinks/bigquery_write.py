@@ -3,7 +3,7 @@ instance, and **exactly once**: every record gets its offset in the stream in th
 chooses the batch, before the append. A resend (after a crash, a timeout, a lost answer) carries the same
 offsets, and the stream answers ALREADY_EXISTS for what it already holds: no row is ever written twice.
 
-Rules, per lane (what a refusal means: fmi_bridge/bigquery_write_errors.py, the StorageError detail first):
+Rules, per lane (what a refusal means: fmi_bridge/sinks/bigquery_write_errors.py, the StorageError detail first):
 - OK: the batch is in the table; settled.
 - ALREADY_EXISTS: a send of this batch landed before. Whole, as a rule; but if a power cut took back the
   offsets' assignment and the batch grew, only its first part: the stream's end is found within the batch and
@@ -37,11 +37,11 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud.bigquery_storage_v1 import types
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from fmi_bridge.bigquery_append_connection import AppendConnection
-from fmi_bridge.bigquery_write_errors import Meaning, Refusal
 from fmi_bridge.events import dead_letter_row
-from fmi_bridge.sink_bigquery import DEAD_LETTER_REASON, REQUEST_BYTES, Destination
-from fmi_bridge.sinks import BIGQUERY, WriteResult, missing
+from fmi_bridge.sinks.bigquery_append_connection import AppendConnection
+from fmi_bridge.sinks.bigquery_insert_all import DEAD_LETTER_REASON, REQUEST_BYTES, Destination
+from fmi_bridge.sinks.bigquery_write_errors import Meaning, Refusal
+from fmi_bridge.sinks.contract import BIGQUERY, Sink, WriteResult, missing
 from fmi_bridge.spool import READING, Record, Spool, SpoolError
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def stream_key(instance: str, table: str) -> str:
     return f"{instance}:{table}"
 
 
-class StorageWriteSink:
+class StorageWriteSink(Sink):
     name = "bigquery"
     bit = BIGQUERY
 

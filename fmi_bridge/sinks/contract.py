@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,9 +56,24 @@ def error_code(exc: BaseException) -> str:
 
 
 class Sink(Protocol):
+    """What the sender relies on. Sinks subclass it, so the defaults below are theirs unless they say otherwise."""
+
     name: str  # the sink, as metrics label it
     lane: str  # what this sender drains: the sink, or one of its destination tables
     bit: int
+    # A sink that answers asynchronously (Pub/Sub) sets its own event when an answer arrives; None: the sender
+    # makes one, set when intake commits.
+    wakeup: threading.Event | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Requests are in flight: the sender comes round to collect them even with nothing new to send."""
+        return False
+
+    @property
+    def failing(self) -> bool:
+        """Some of the lane backs off on its own (per site): the sender waits a little before its next round."""
+        return False
 
     def owed(self, spool: Spool) -> int:
         """Records this lane still has to send."""
@@ -70,7 +86,7 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-class LogSink:
+class LogSink(Sink):
     """LOCAL without emulators: each event is logged, nothing leaves the machine."""
 
     name = lane = "log"

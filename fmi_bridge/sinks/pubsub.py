@@ -10,7 +10,7 @@ several sites' requests are in flight at once, one per site:
   reordering is not.
 - A request holds up to PUBSUB_BATCH_SIZE (at most 1,000) messages and stays under 10 MB measured as sent
   (attributes, ordering key and framing included), and under the site's throughput budget: Google allows
-  1 MB/s per ordering key (fmi_bridge/pubsub_limits.py).
+  1 MB/s per ordering key (fmi_bridge/sinks/pubsub_limits.py).
 - A failing or slow site waits alone (its own jittered backoff); the lane's other sites go on.
 - INVALID_ARGUMENT narrows the request down by halving, in order. A record refused alone holds its site until
   it was refused PUBSUB_DEADLETTER_ATTEMPTS times; then it goes to the rejects table (reason
@@ -35,10 +35,10 @@ from typing import Any
 from google.api_core import exceptions as api_exceptions
 from google.pubsub_v1 import types
 
-from fmi_bridge import pubsub_limits as limits
 from fmi_bridge.backoff import Backoff
 from fmi_bridge.events import dead_letter_row, kpi_message
-from fmi_bridge.sinks import PUBSUB, WriteResult, error_code
+from fmi_bridge.sinks import pubsub_limits as limits
+from fmi_bridge.sinks.contract import PUBSUB, Sink, WriteResult, error_code
 from fmi_bridge.spool import Record, Spool, lane_of
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class KeyMeter:
             self._sent.setdefault(key, deque()).append((time.monotonic(), size))
 
 
-class PubSubSink:
+class PubSubSink(Sink):
     name = "pubsub"
     bit = PUBSUB
 
@@ -137,7 +137,7 @@ class PubSubSink:
         self.deadletter_attempts = deadletter_attempts
         self.timeout = timeout
         self.sites_in_flight = sites_in_flight
-        self.wakeup = threading.Event()  # set when a request is answered; the lane's sender waits on it
+        self.wakeup: threading.Event = threading.Event()  # set when a request is answered; the sender waits on it
         self._meter = KeyMeter(min(key_bytes_per_second, limits.KEY_BYTES_PER_SECOND))
         self._request_budget = limits.MAX_REQUEST_BYTES - len(topic_path.encode()) - FRAMING_BYTES
         self._pool = ThreadPoolExecutor(max_workers=sites_in_flight, thread_name_prefix=f"publish-{lane}")

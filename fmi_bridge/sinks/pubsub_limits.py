@@ -3,7 +3,7 @@
 Source of every number: "Quotas and limits", https://cloud.google.com/pubsub/quotas (resource limits and
 publisher throughput), and the `PubsubMessage` docstring of the installed client
 (`google/pubsub_v1/types/pubsub.py`): all messages of one PublishRequest carry the same `ordering_key`.
-The tests' conformance layer (tests/pubsub_conformance.py) holds its own copy of these rules, so a wrong
+The tests' conformance layer (tests/sinks/pubsub_conformance.py) holds its own copy of these rules, so a wrong
 number here shows up as a refusal there.
 """
 

@@ -11,7 +11,7 @@ import time
 from fmi_bridge.backoff import Backoff
 from fmi_bridge.logs import RateLimiter
 from fmi_bridge.metrics import Metrics
-from fmi_bridge.sinks import Sink, SinkUnavailableError, WriteResult
+from fmi_bridge.sinks.contract import Sink, SinkUnavailableError, WriteResult
 from fmi_bridge.spool import Spool, SpoolDamagedError, SpoolError, is_corrupt
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,7 @@ class Sender:
         self.sink = sink
         self.spool = spool
         self.metrics = metrics
-        # A sink that answers asynchronously (Pub/Sub) sets its own event when an answer arrives.
-        self.wakeup: threading.Event = getattr(sink, "wakeup", None) or threading.Event()
+        self.wakeup: threading.Event = sink.wakeup or threading.Event()
         self.heartbeat = time.monotonic()
         self._backoff = Backoff(initial=0.5, maximum=10.0)
         self._error_log = RateLimiter(per_second=0.2, burst=3)
@@ -76,7 +75,7 @@ class Sender:
             return
         if self._down_since is None or not (result.done or result.dead_letters):
             return
-        if getattr(self.sink, "failing", False):  # a sink that backs off per site: one site still waits
+        if self.sink.failing:  # a sink that backs off per site: one site still waits
             return
         log.info(
             "sink recovered",
@@ -94,7 +93,7 @@ class Sender:
         if not self._settle_unsettled():
             return False
         batch = self.sink.next_batch(self.spool)
-        if not batch and not getattr(self.sink, "busy", False):  # a sink with requests in flight collects them
+        if not batch and not self.sink.busy:  # a sink with requests in flight collects them
             return None
         started = time.monotonic()
         try:
@@ -154,3 +153,9 @@ class Sender:
     def owed(self) -> int:
         """Records this lane still has to send or to settle."""
         return self.sink.owed(self.spool)
+
+
+def wake(senders: list[Sender]) -> None:
+    """Intake committed records: every lane has something new."""
+    for sender in senders:
+        sender.wakeup.set()

@@ -20,15 +20,15 @@ from google.cloud import pubsub_v1
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
 
 from fmi_bridge.cloud import emulator_transport
+from fmi_bridge.commands.provision import table_resource
+from fmi_bridge.commands.replay import replay
 from fmi_bridge.config import Config
 from fmi_bridge.events import dead_letter_row, reading_row
-from fmi_bridge.provision import table_resource
 from fmi_bridge.readings import Inbound, Reading, validate
-from fmi_bridge.replay import replay
-from fmi_bridge.sinks import BIGQUERY, PUBSUB
+from fmi_bridge.sinks.contract import BIGQUERY, PUBSUB
 from fmi_bridge.spool import READING, Spool, SpoolFullError, entry
 from tests.conftest import PROJECT, Cloud, PubSubEndpoint, cloud_env, start_bridge
-from tests.pubsub_server import Faults
+from tests.sinks.pubsub_server import Faults
 from tests.support import (
     ROOT,
     BigQueryEmulator,

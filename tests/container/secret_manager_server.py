@@ -7,7 +7,7 @@ from typing import Any
 import grpc
 from google.cloud.secretmanager_v1 import types
 
-from tests.pubsub_server import unary
+from tests.sinks.pubsub_server import unary
 
 AccessSecretVersionRequest = types.AccessSecretVersionRequest.pb()
 AccessSecretVersionResponse = types.AccessSecretVersionResponse.pb()

@@ -128,7 +128,7 @@ def test_the_image_runs_both_programs_as_non_root_and_stops_cleanly(run_containe
 def test_the_image_in_prd_takes_only_authenticated_tls_and_writes_to_the_emulators(
     run_container: object, cloud: Cloud, tmp_path: Path
 ) -> None:
-    from tests.test_security import BRIDGE_PASSWORD, BRIDGE_USER, SITE_PASSWORDS, make_pki
+    from tests.container.test_security import BRIDGE_PASSWORD, BRIDGE_USER, SITE_PASSWORDS, make_pki
 
     pki = make_pki(tmp_path / "pki")
     secrets = tmp_path / "secrets"

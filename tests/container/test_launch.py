@@ -1,5 +1,5 @@
-"""The container's process tree without Docker: `python -m fmi_bridge.launch` runs the shipped supervisord.conf
-with the shipped mosquitto.conf (paths pointed at a temporary folder)."""
+"""The container's process tree without Docker: `python -m fmi_bridge.container.launch` runs the shipped
+supervisord.conf with the shipped mosquitto.conf (paths pointed at a temporary folder)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class Container:
         }
         # A pipe, as in a container: programs that open /dev/stdout then share it instead of overwriting a file.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fmi_bridge.launch"],
+            [sys.executable, "-m", "fmi_bridge.container.launch"],
             env=self.env,
             cwd=ROOT,
             stdout=subprocess.PIPE,

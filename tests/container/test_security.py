@@ -15,9 +15,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from fmi_bridge.broker_conf import BrokerSecurity, acl_text
+from fmi_bridge.container.broker_conf import BrokerSecurity, acl_text
 from tests.conftest import Cloud
-from tests.secret_manager_server import SecretManagerServer
+from tests.container.secret_manager_server import SecretManagerServer
 from tests.support import (
     ROOT,
     Bridge,
@@ -244,7 +244,7 @@ def launch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         if not key.startswith(("MQTT_", "MOSQUITTO_", "APP_ENV", "BRIDGE_", "SECRET_"))
     }
     return subprocess.run(
-        [sys.executable, "-m", "fmi_bridge.launch", *args],
+        [sys.executable, "-m", "fmi_bridge.container.launch", *args],
         env={**clean, **env},
         cwd=ROOT,
         capture_output=True,

@@ -14,7 +14,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from fmi_bridge.inbox import MAX_MESSAGES
+from fmi_bridge.mqtt.inbox import MAX_MESSAGES
 from tests.conftest import Cloud, start_bridge
 from tests.support import (
     LOCAL_ONLY,

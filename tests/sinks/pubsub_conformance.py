@@ -3,7 +3,7 @@ Publish request the way Google's service does, with the service's status codes, 
 through byte for byte. The emulator takes mixed ordering keys, 2,000-byte keys and attribute values; the
 service does not, so every Pub/Sub test goes through this layer.
 
-The rules are data (RULES): name, status code, message, source, and the check. tests/test_pubsub_conformance.py
+The rules are data (RULES): name, status code, message, source, and the check. tests/sinks/test_pubsub_conformance.py
 walks the table and shows each rule refusing a request that breaks it. What the layer cannot know of the
 service is said next to the rule (the per-key throughput code).
 """

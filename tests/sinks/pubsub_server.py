@@ -6,7 +6,7 @@ promised order on another: each pull's batch reversed), and injects faults on Pu
 UNAVAILABLE for a while, added latency, or a chosen code (INVALID_ARGUMENT unless told) for requests a
 predicate picks.
 
-    python tests/pubsub_server.py --port 8085     (run it alone, e.g. for `make run` against emulators)
+    python tests/sinks/pubsub_server.py --port 8085     (run it alone, e.g. for `make run` against emulators)
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fmi_bridge.events import rfc3339
-from fmi_bridge.sink_bigquery_write import micros
+from fmi_bridge.sinks.bigquery_write import micros
 
 
 @pytest.mark.parametrize(

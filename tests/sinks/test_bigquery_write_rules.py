@@ -16,18 +16,18 @@ from google.cloud import bigquery as bq
 from google.cloud.bigquery_storage_v1 import types
 
 from fmi_bridge import cloud as cloud_clients
-from fmi_bridge.bigquery_write_errors import Meaning, Refusal
+from fmi_bridge.assembly import open_spool
+from fmi_bridge.commands.provision import SCHEMAS, provision, table_resource
 from fmi_bridge.config import Config
 from fmi_bridge.events import reading_row
 from fmi_bridge.partition_window import PartitionWindow
-from fmi_bridge.provision import SCHEMAS, provision, table_resource
 from fmi_bridge.readings import Inbound, Reading, validate
-from fmi_bridge.sink_bigquery_write import RowEncoder
-from fmi_bridge.sinks import BIGQUERY
+from fmi_bridge.sinks.bigquery_write import RowEncoder
+from fmi_bridge.sinks.bigquery_write_errors import Meaning, Refusal
+from fmi_bridge.sinks.contract import BIGQUERY
 from fmi_bridge.spool import READING, entry
-from mqtt_subscriber import open_spool
-from tests.bigquery_write_conformance import REQUEST_LIMIT, WriteApiConformance
 from tests.conftest import PROJECT, Cloud, PubSubEndpoint, cloud_env, start_bridge
+from tests.sinks.bigquery_write_conformance import REQUEST_LIMIT, WriteApiConformance
 from tests.support import (
     BigQueryEmulator,
     Bridge,

@@ -15,7 +15,7 @@ from google.pubsub_v1 import PublisherClient, types
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcTransport
 
 from tests.conftest import PubSubEndpoint
-from tests.pubsub_conformance import KEY_RATE, RULES, Rule
+from tests.sinks.pubsub_conformance import KEY_RATE, RULES, Rule
 
 pytestmark = pytest.mark.pubsub_refusals
 _topics = itertools.count(1)

@@ -10,7 +10,7 @@ import pytest
 
 from fmi_bridge.spool import lane_of
 from tests.conftest import Cloud, PubSubEndpoint, assert_delivered, start_bridge
-from tests.pubsub_server import Faults
+from tests.sinks.pubsub_server import Faults
 from tests.support import Bridge, Broker, expected_ids, publish, readings, site_sequences, wait_until
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,1 @@
+"""Tests of fmi_bridge/commands/."""
