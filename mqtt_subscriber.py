@@ -74,6 +74,11 @@ def run(config: Config, options: argparse.Namespace | None = None) -> int:
         spool, metrics, sink_bits, interval=config.stats_log_seconds, lag_warn_seconds=config.sink_lag_warn_seconds
     )
     metrics.watch_spool(spool.stats)
+    metrics.watch_count(
+        "fmi_bridge_duplicates_total",
+        "Messages delivered again (broker redelivery, a publisher's resend) acknowledged and not spooled twice",
+        lambda: spool.duplicates,
+    )
     metrics.watch_inbox(inbox.__len__)
     metrics.watch_owed(lambda: {name: spool.owed(bit) for name, bit in sink_bits.items()}, stats.seconds_to_full)
 

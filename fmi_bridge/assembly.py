@@ -17,7 +17,7 @@ from fmi_bridge.sinks.bigquery_insert_all import BigQuerySink, Destination, dest
 from fmi_bridge.sinks.bigquery_write import RowEncoder, StorageWriteSink, stream_key
 from fmi_bridge.sinks.contract import BIGQUERY, LOG, PUBSUB, LogSink, Sink
 from fmi_bridge.sinks.pubsub import PubSubSink
-from fmi_bridge.spool import Spool
+from fmi_bridge.spool import DedupeHorizon, Spool
 
 log = logging.getLogger("fmi_bridge")
 
@@ -98,6 +98,7 @@ def open_spool(config: Config) -> Spool:
         reject_bits=sum(reject_bits),
         lanes={PUBSUB: config.pubsub_lanes} if PUBSUB in bits else {},
         offset_bits=BIGQUERY if BIGQUERY in bits and config.bigquery_write_method == "storage_write" else 0,
+        dedupe=DedupeHorizon(config.spool_dedupe_count, config.spool_dedupe_seconds),
     )
     for bit, name in ((PUBSUB, "pubsub"), (BIGQUERY, "bigquery"), (LOG, "log")):
         if bit not in bits and (waiting := spool.count_pending(bit)):

@@ -270,6 +270,20 @@ SETTINGS: tuple[Setting, ...] = (
         _positive_int,
     ),
     Setting(
+        "SPOOL_DEDUPE_COUNT",
+        "Readings (and rejects) whose ids the spool remembers, so one the broker or a publisher delivers again is "
+        "acknowledged and not spooled twice: at least MQTT_RECEIVE_MAXIMUM (what one connection can leave "
+        "un-acknowledged); the default covers 100 lost connections in a row at the default.",
+        "100000",
+        _between(_int, 1, 100_000_000),
+    ),
+    Setting(
+        "SPOOL_DEDUPE_SECONDS",
+        "Seconds an id is remembered however many came after it, for a publisher that resends after it reconnects.",
+        "900",
+        _between(_int, 0, 30 * 86400),
+    ),
+    Setting(
         "PUBSUB_EMULATOR_HOST",
         "host:port of a Pub/Sub emulator; anonymous credentials. In LOCAL it turns the Pub/Sub sink on.",
         parse=_host_port,
@@ -426,6 +440,8 @@ class Config:
     spool_dir: Path
     spool_max_bytes: int
     spool_min_free_bytes: int
+    spool_dedupe_count: int
+    spool_dedupe_seconds: int
     pubsub_emulator_host: str | None
     bigquery_emulator_host: str | None
     pubsub_endpoint: str | None
@@ -525,6 +541,11 @@ class Config:
                 raise ConfigError(f"{name} is required {because}")
         if (self.mqtt_tls_cert is None) != (self.mqtt_tls_key is None):
             raise ConfigError("MQTT_TLS_CERT and MQTT_TLS_KEY must be set together")
+        if self.spool_dedupe_count < self.mqtt_receive_maximum:
+            raise ConfigError(
+                f"SPOOL_DEDUPE_COUNT={self.spool_dedupe_count}: must be at least MQTT_RECEIVE_MAXIMUM "
+                f"({self.mqtt_receive_maximum}), or a reading left un-acknowledged at a restart is spooled twice"
+            )
         self._check_tls_files()
         if self.mqtt_password and not self.mqtt_username:
             raise ConfigError("MQTT_USERNAME is required when a password is set")

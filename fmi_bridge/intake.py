@@ -76,7 +76,7 @@ class Intake:
         try:
             outcome = self._validate(message)
             if not isinstance(outcome, Reject):
-                accepted = entry(READING, outcome.site_code, reading_row(outcome))
+                accepted = entry(READING, outcome.site_code, reading_row(outcome), key=outcome.event_id)
                 self.metrics.accepted.inc()
                 return accepted
         except Exception as exc:  # one message boundary: whatever it does, it becomes a reject, never a dead intake
@@ -88,7 +88,8 @@ class Intake:
                 message.received_at,
             )
         self._count_reject(outcome)
-        return entry(REJECT, None, reject_row(outcome))
+        row = reject_row(outcome)
+        return entry(REJECT, None, row, key=row["reject_id"])
 
     def _count_reject(self, reject: Reject) -> None:
         self.metrics.rejected.labels(reject.reason).inc()

@@ -37,6 +37,7 @@ BUSY_SECONDS = 30.0  # intake and senders take turns at the writer lock
 OPEN_BUSY_SECONDS = 5.0  # at start a lock held elsewhere is a fault to report, not a wait
 # Only these mean the file itself is damaged; busy, locked, full, I/O and permission errors do not.
 _CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+PRUNE_SLICE = 50_000  # keys forgotten at most per prune: beyond any intake rate a second, a bounded delete
 KNOWN_BITS = (1, 2, 4)  # every sink bit a spool may hold records for (sinks.PUBSUB, BIGQUERY, LOG)
 
 _SCHEMA = """
@@ -55,6 +56,12 @@ CREATE TABLE IF NOT EXISTS write_streams (
     next_offset INTEGER NOT NULL,
     used_at REAL
 );
+CREATE TABLE IF NOT EXISTS seen (
+    seq INTEGER PRIMARY KEY,
+    key TEXT NOT NULL,
+    taken_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS seen_key ON seen(key);
 CREATE TABLE IF NOT EXISTS imports (
     fingerprint TEXT PRIMARY KEY,
     source TEXT NOT NULL,
@@ -119,12 +126,24 @@ class Entry:
     body: str
     size: int
     only_sinks: int | None = None  # sink bits, when not every sink of its kind owes it (a replay to one sink)
+    key: str | None = None  # the message's identity (event_id, reject_id): taken once within the dedupe horizon
 
 
-def entry(kind: str, site_code: str | None, row: dict[str, Any], only_sinks: int | None = None) -> Entry:
+def entry(
+    kind: str, site_code: str | None, row: dict[str, Any], only_sinks: int | None = None, key: str | None = None
+) -> Entry:
     """Raises UnicodeEncodeError (a ValueError) when a string of the row is not valid Unicode."""
     body = json.dumps(row, separators=(",", ":"), ensure_ascii=False)
-    return Entry(kind, site_code, body, len(body.encode("utf-8")), only_sinks)
+    return Entry(kind, site_code, body, len(body.encode("utf-8")), only_sinks, key)
+
+
+@dataclass(frozen=True)
+class DedupeHorizon:
+    """How long the spool remembers the keys it took: an id is forgotten once it is both older than `seconds`
+    and not among the last `count` taken. Within that, a message delivered again is acknowledged, not spooled."""
+
+    count: int = 100_000
+    seconds: float = 900.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +173,7 @@ class Spool:
         reject_bits: int,
         lanes: dict[int, int] | None = None,
         offset_bits: int = 0,
+        dedupe: DedupeHorizon | None = None,
     ) -> None:
         self.directory = directory
         self.path = directory / SPOOL_FILE
@@ -163,6 +183,9 @@ class Spool:
         self.reject_bits = reject_bits
         self.lanes = lanes or {}  # sink bit -> how many lanes its sites are hashed onto
         self.offset_bits = offset_bits  # sinks that give records write-stream offsets (BigQuery's Write API)
+        self.dedupe = dedupe or DedupeHorizon()
+        self.duplicates = 0  # entries not spooled because their key was taken before (intake's thread counts)
+        self._pruned_at = 0.0
         self._local = threading.local()
         self._lock = threading.Lock()
         # Writers of this process queue here, not in SQLite's busy handler, which sleeps in growing steps (up to
@@ -324,30 +347,65 @@ class Spool:
         many. Raise SpoolFullError when not even the first fits, SpoolError when the write fails."""
         if not entries:
             return 0
-        rows = self._rows(entries)
-        problem = self.room_problem(rows[0][3])
+        problem = self.room_problem(entries[0].size)
         if problem is None:
             self.keep_reserve()
         if problem:
             raise SpoolFullError(problem)
-        room = self.max_bytes - self._bytes
-        fitting = 0
-        for row in rows:
-            room -= row[3]
-            if room < 0:
-                break
-            fitting += 1
-        rows = rows[:fitting]
         conn = self._connection(synchronous="FULL")
         try:
             with self._transaction(conn):
+                taken, rows, keys = self._new_entries(conn, entries)
                 self._insert(conn, rows)
+                self._remember(conn, keys)
         except sqlite3.Error as exc:
             if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
                 raise SpoolFullError(f"disk full: {exc}") from exc
             raise spool_error("spool write failed", exc) from exc
+        self.duplicates += taken - len(rows)
         self._count(len(rows), sum(row[3] for row in rows), _owed_by_rows((row[4], row[3]) for row in rows))
-        return len(rows)
+        return taken
+
+    def _new_entries(
+        self, conn: sqlite3.Connection, entries: Sequence[Entry]
+    ) -> tuple[int, list[tuple[str, str | None, str, int, int, float]], list[str]]:
+        """How many entries, from the first on, this append takes; the rows of those not taken before (by key,
+        in the spool's memory or earlier in the same group) that fit; and their keys. A duplicate takes no room
+        and counts as taken: it is acknowledged like the first delivery."""
+        wanted = [e.key for e in entries if e.key is not None]
+        known = (
+            {key for (key,) in conn.execute(f"SELECT key FROM seen WHERE key IN ({_marks(len(wanted))})", wanted)}
+            if wanted
+            else set()
+        )
+        now = time.time()
+        room = self.max_bytes - self._bytes
+        taken, rows, keys = 0, [], []
+        for e in entries:
+            if e.key is None or e.key not in known:
+                room -= e.size
+                if room < 0:
+                    break
+                rows.append((e.kind, e.site_code, e.body, e.size, self._bits_for(e), now))
+                if e.key is not None:
+                    known.add(e.key)
+                    keys.append(e.key)
+            taken += 1
+        return taken, rows, keys
+
+    def _remember(self, conn: sqlite3.Connection, keys: list[str]) -> None:
+        """The keys taken, in the transaction of their records (a kill -9 keeps both or neither); what is past the
+        horizon is forgotten a bounded slice at a time, at most once a second."""
+        now = time.time()
+        conn.executemany("INSERT INTO seen (key, taken_at) VALUES (?, ?)", [(key, now) for key in keys])
+        if now - self._pruned_at < 1.0:
+            return
+        self._pruned_at = now
+        (last,) = conn.execute("SELECT coalesce(max(seq), 0) FROM seen").fetchone()
+        conn.execute(
+            "DELETE FROM seen WHERE seq IN (SELECT seq FROM seen WHERE seq <= ? ORDER BY seq LIMIT ?) AND taken_at < ?",
+            (last - self.dedupe.count, PRUNE_SLICE, now - self.dedupe.seconds),
+        )
 
     def _rows(self, entries: Iterable[Entry]) -> list[tuple[str, str | None, str, int, int, float]]:
         now = time.time()
@@ -691,6 +749,10 @@ def _owed_by_rows(bits_and_sizes: Iterable[tuple[int, int]]) -> dict[int, tuple[
 
 def _bits(mask: int) -> list[int]:
     return [1 << shift for shift in range(mask.bit_length()) if mask & (1 << shift)]
+
+
+def _marks(count: int) -> str:
+    return ",".join("?" * count)
 
 
 def _given(bit: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import math
@@ -11,9 +12,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -526,3 +529,59 @@ def cloud_sdk_python(script: str, *args: str) -> list[dict[str, Any]]:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+class ResendingPublisher(threading.Thread):
+    """A site gateway at QoS 1 that publishes at a steady rate and, whenever its connection drops, publishes
+    again everything the broker had not acknowledged (same topic and payload: the same readings), as a real
+    QoS 1 publisher does after it reconnects."""
+
+    def __init__(self, port: int, messages: list[Published], per_second: float, timeout: float = 120) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.messages = messages
+        self.per_second = per_second
+        self.timeout = timeout
+        self.resent = 0  # messages published again after a lost connection
+        self.sent = 0  # first publishes
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            self._publish_all()
+        except Exception as exc:  # the test reads it: a publisher that gave up fails it
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def _publish_all(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        queue = deque(self.messages)
+        unacked: dict[int, Published] = {}
+        while (queue or unacked) and time.monotonic() < deadline:
+            client = mqtt_client()
+            client.max_inflight_messages_set(0)
+            client.max_queued_messages_set(0)
+            client.on_publish = lambda c, userdata, mid, reason, properties: unacked.pop(mid, None)
+            try:
+                client.connect("127.0.0.1", self.port, keepalive=5)
+            except OSError:
+                time.sleep(0.1)
+                continue
+            again = list(unacked.values())
+            unacked.clear()
+            self.resent += len(again)
+            for message in again:
+                unacked[client.publish(message.topic, message.payload, qos=1).mid] = message
+            started, published = time.monotonic(), 0
+            while (queue or unacked) and time.monotonic() < deadline:
+                due = int((time.monotonic() - started) * self.per_second) - published
+                for _ in range(min(due, len(queue))):
+                    message = queue.popleft()
+                    unacked[client.publish(message.topic, message.payload, qos=1).mid] = message
+                    published += 1
+                    self.sent += 1
+                if client.loop(timeout=0.005) != mqtt.MQTT_ERR_SUCCESS:
+                    break  # the broker went away: reconnect and publish again what it did not acknowledge
+            with contextlib.suppress(Exception):
+                client.disconnect()
+        if queue or unacked:
+            raise TimeoutError(f"{len(queue)} not published, {len(unacked)} not acknowledged")

@@ -18,6 +18,7 @@ from tests.support import (
     Bridge,
     Broker,
     Published,
+    ResendingPublisher,
     bq_query,
     expected_ids,
     publish,
@@ -140,3 +141,39 @@ def test_rows_the_write_api_refuses_go_to_the_rejects_table_and_the_rest_land_on
     assert {row["reason"] for row in rejects} == {"bigquery_rejected"}
     assert all("field value refused" in row["detail"] for row in rejects)
     assert bridge.metric("fmi_bridge_sink_dead_lettered_total", 'sink="bigquery"') == len(refused)
+
+
+def test_readings_delivered_again_by_the_broker_or_the_publisher_are_one_row_each(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]
+) -> None:
+    """While readings flow at 1,000/s: the bridge killed -9 twice (what it committed but had not acknowledged is
+    delivered again), Mosquitto restarted gracefully twice (its un-acknowledged deliveries come again, and the
+    publisher publishes again what the broker had not acknowledged to it). Rows counted."""
+    bridge = start_bridge(bridges, cloud, broker)
+    messages = readings(["S1", "S2", "S3", "S4"], 1500)
+    publisher = ResendingPublisher(broker.port, messages, per_second=1000)
+    publisher.start()
+    duplicates = 0.0
+    for step, share in (("kill", 0.15), ("broker", 0.35), ("kill", 0.55), ("broker", 0.75)):
+        wait_until(lambda share=share: publisher.sent >= len(messages) * share, 60, f"{share:.0%} published")
+        if step == "kill":
+            duplicates += bridge.metric("fmi_bridge_duplicates_total")
+            bridge.kill()
+            bridge.start()
+            bridge.wait_ready()
+        else:
+            broker.stop()
+            broker.start()
+    publisher.join(120)
+    assert publisher.error is None and not publisher.is_alive()
+    wanted = expected_ids(messages)
+
+    def rows() -> int:
+        return int(bq_query(cloud.bq, f"SELECT count(*) FROM `{cloud.readings_table}`")[0][0])
+
+    wait_until(lambda: rows() >= len(wanted), 120, "every reading in BigQuery")
+    wait_until(lambda: bridge.metric("fmi_bridge_sink_owed_records", 'sink="bigquery"') == 0, 30, "nothing owed")
+    duplicates += bridge.metric("fmi_bridge_duplicates_total")
+    assert rows() == len(wanted)
+    assert {row[0] for row in bq_query(cloud.bq, f"SELECT event_id FROM `{cloud.readings_table}`")} == wanted
+    assert duplicates > 0 and publisher.resent > 0  # the windows were not empty: copies came, none was spooled

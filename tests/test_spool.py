@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fmi_bridge.spool import READING, REJECT, Entry, Spool, SpoolFullError, lane_of
+from fmi_bridge.spool import READING, REJECT, DedupeHorizon, Entry, Spool, SpoolFullError, lane_of
 from fmi_bridge.spool import entry as spool_entry
 
 PUBSUB, BIGQUERY = 1, 2
@@ -96,3 +96,47 @@ def test_records_survive_a_reopen(tmp_path: Path) -> None:
     assert again.stats().records == 3
     assert [r.row["n"] for r in again.pending(PUBSUB, 10)] == [1, 2]
     assert again.stats().bytes == sum(size(entry(n)) for n in range(3))
+
+
+def keyed(n: int) -> Entry:
+    return spool_entry(READING, "S1", {"event_id": f"e{n}", "n": n}, key=f"e{n}")
+
+
+def test_a_key_taken_before_is_acknowledged_not_spooled_again_across_a_reopen(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    assert spool.append([keyed(0), keyed(1), keyed(1)]) == 3  # all taken: the copy is acknowledged too
+    spool.release()
+    spool = open_spool(tmp_path)  # as after kill -9: the keys were committed with their records
+    assert spool.append([keyed(1), keyed(2), keyed(0)]) == 3
+    assert [r.row["n"] for r in spool.pending(BIGQUERY, 10)] == [0, 1, 2]
+    assert spool.duplicates == 2
+    spool.settle(BIGQUERY, [r.id for r in spool.pending(BIGQUERY, 10)])
+    spool.settle(PUBSUB, [r.id for r in spool.pending(PUBSUB, 10)])
+    assert spool.append([keyed(2)]) == 1  # sent and gone from the spool, still remembered
+    assert spool.stats().records == 0
+
+
+def test_keys_are_forgotten_only_past_both_the_count_and_the_time(tmp_path: Path) -> None:
+    horizon = DedupeHorizon(count=3, seconds=0)
+    spool = Spool.open(
+        tmp_path, max_bytes=10**9, min_free_bytes=1, reading_bits=BIGQUERY, reject_bits=BIGQUERY, dedupe=horizon
+    )
+    for n in range(6):
+        spool._pruned_at = 0.0  # the once-a-second prune, every append here
+        spool.append([keyed(n)])
+    spool.append([keyed(0), keyed(5)])  # e0 is past the last three: spooled again; e5 is not
+    assert [r.row["n"] for r in spool.pending(BIGQUERY, 10)] == [0, 1, 2, 3, 4, 5, 0]
+
+    remembering = Spool.open(
+        tmp_path / "b",
+        max_bytes=10**9,
+        min_free_bytes=1,
+        reading_bits=BIGQUERY,
+        reject_bits=BIGQUERY,
+        dedupe=DedupeHorizon(count=3, seconds=3600),
+    )
+    for n in range(6):
+        remembering._pruned_at = 0.0
+        remembering.append([keyed(n)])
+    remembering.append([keyed(0)])  # past the count, but within the hour
+    assert remembering.duplicates == 1
