@@ -59,5 +59,17 @@ class Inbox:
             self._bytes -= sum(held_bytes(message) for message in group)
         return group
 
+    def drop_earlier(self, generation: int) -> int:
+        """Drop the QoS 1 messages of connections before `generation` that intake has not taken: the session
+        resumed, so the broker sends them again. Without this, each reconnect while intake is held would add up
+        to Receive Maximum more. Returns how many were dropped."""
+        with self._ready:
+            kept = deque(m for m in self._items if m.qos == 0 or m.generation >= generation)
+            dropped = len(self._items) - len(kept)
+            if dropped:
+                self._items = kept
+                self._bytes = sum(held_bytes(message) for message in kept)
+        return dropped
+
     def __len__(self) -> int:
         return len(self._items)

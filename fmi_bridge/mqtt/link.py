@@ -195,9 +195,16 @@ class MqttLink:
         self.connected = True
         self._backoff.reset()
         self.metrics.connects.inc()
+        # A resumed session gets again what the bridge had not acknowledged: the copies waiting in the inbox
+        # go. A session the broker lost sends nothing again, so they stay and are spooled (never acknowledged).
+        again = self.inbox.drop_earlier(self.generation) if flags.session_present else 0
         log.info(
             "connected to broker",
-            extra={"session_present": bool(flags.session_present), "client_id": self.config.mqtt_client_id},
+            extra={
+                "session_present": bool(flags.session_present),
+                "client_id": self.config.mqtt_client_id,
+                "inbox_dropped_for_redelivery": again,
+            },
         )
         self._subscribe()  # on every connect: cheap, and right even if the broker lost the session
 

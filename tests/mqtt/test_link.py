@@ -148,6 +148,41 @@ def test_the_session_survives_a_spool_that_takes_nothing_for_three_keepalives(
     assert bridge.metric("fmi_bridge_mqtt_disconnects_total") == 0
 
 
+def test_the_inbox_holds_one_connections_worth_across_reconnects_while_intake_is_held(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], tmp_path: Path
+) -> None:
+    """Intake held (the spool write-locked) while the broker restarts three times: each resumed session gets the
+    un-acknowledged deliveries again. The inbox keeps one connection's worth (Receive Maximum), not one per
+    reconnect, and once intake goes on every reading is one row."""
+    receive_maximum = 50
+    bridge = start_bridge(bridges, cloud, broker, MQTT_RECEIVE_MAXIMUM=str(receive_maximum))
+    messages = readings(["MOR", "BAG"], 200)
+    holder = sqlite3.connect(tmp_path / "spool" / "spool.db", timeout=5)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        publish(broker.port, messages)
+        wait_until(lambda: bridge.metric("fmi_bridge_mqtt_connects_total") >= 1, 10, "a connection")
+        for restart in range(3):
+            connects = bridge.metric("fmi_bridge_mqtt_connects_total")
+            broker.stop()
+            broker.start()
+            wait_until(lambda c=connects: bridge.metric("fmi_bridge_mqtt_connects_total") > c, 30, "a reconnect")
+            wait_until(lambda: bridge.metric("fmi_bridge_inbox_messages") >= receive_maximum, 30, "redeliveries")
+            time.sleep(1)
+            assert bridge.metric("fmi_bridge_inbox_messages") <= receive_maximum, f"after restart {restart + 1}"
+    finally:
+        holder.rollback()
+        holder.close()
+
+    wait_until(
+        lambda: bq_query(cloud.bq, f"SELECT count(*) AS n FROM `{cloud.readings_table}`")[0]["n"] >= len(messages),
+        120,
+        "every row in BigQuery",
+    )
+    time.sleep(2)
+    assert bq_query(cloud.bq, f"SELECT count(*) AS n FROM `{cloud.readings_table}`")[0]["n"] == len(messages)
+
+
 DYNSEC = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
 
 
