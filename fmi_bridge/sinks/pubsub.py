@@ -196,12 +196,18 @@ class PubSubSink(Sink):
         for record in records:
             by_site.setdefault(record.site_code or "", []).append(record)
         for key, site_records in by_site.items():
+            idle = self._meter.room(key, now) >= self._meter.budget  # nothing of the key in the window
             room = min(self._meter.room(key, now), self._request_budget)
             messages: list[Any] = []
             for record in site_records[: self.batch_size]:
                 message = _message(record)
                 size = message.ByteSize() + FRAMING_BYTES
                 if size > room:
+                    # A message larger than the whole budget (PUBSUB_KEY_BYTES_PER_SECOND set low) goes alone once
+                    # the key's window is empty, or its site would never send again; Google's own 1 MB/s a key
+                    # is above any message a reading makes (a payload is at most 64 KiB).
+                    if idle and not messages and size <= self._request_budget:
+                        messages.append(message)
                     break
                 room -= size
                 messages.append(message)

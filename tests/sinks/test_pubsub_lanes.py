@@ -11,7 +11,7 @@ import pytest
 from fmi_bridge.spool import lane_of
 from tests.conftest import Cloud, PubSubEndpoint, assert_delivered, start_bridge
 from tests.sinks.pubsub_server import Faults
-from tests.support import Bridge, Broker, expected_ids, publish, readings, site_sequences, wait_until
+from tests.support import Bridge, Broker, Published, expected_ids, publish, readings, site_sequences, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -171,3 +171,18 @@ def test_a_request_that_lands_but_whose_answer_is_late_is_sent_again_never_reord
     # consumers drop by event_id; how many depends on the timing, so they are not counted here).
     assert bridge.metric("fmi_bridge_lane_failed_total", 'code="DEADLINE_EXCEEDED"') >= 1
     assert faults.publish_calls >= 4  # two sites' first requests, and each sent again
+
+
+def test_a_message_larger_than_the_sites_throughput_budget_still_goes(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]
+) -> None:
+    """PUBSUB_KEY_BYTES_PER_SECOND at its lowest (1,000 bytes) and readings of about 4 KB each: each goes alone
+    once the site's window is empty, in order; none stalls its site."""
+    start_bridge(bridges, cloud, broker, PUBSUB_KEY_BYTES_PER_SECOND="1000", PUBSUB_LANES="1")
+    messages = [
+        Published(m.topic, m.payload.replace(b'"sensor_id": "s1"', ('"sensor_id": "' + "s" * 4000 + '"').encode()))
+        for m in readings(["MOR", "BAG"], 3)
+    ]
+    assert all(len(m.payload) > 4000 for m in messages)
+    publish(broker.port, messages)
+    assert_delivered(cloud, messages, timeout=60)
