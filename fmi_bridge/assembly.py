@@ -16,7 +16,7 @@ from fmi_bridge.mqtt.link import MqttLink
 from fmi_bridge.sinks.bigquery_insert_all import BigQuerySink, Destination, destinations
 from fmi_bridge.sinks.bigquery_write import RowEncoder, StorageWriteSink, stream_key
 from fmi_bridge.sinks.contract import BIGQUERY, LOG, PUBSUB, LogSink, Sink
-from fmi_bridge.sinks.pubsub import PubSubSink
+from fmi_bridge.sinks.pubsub import PubSubSink, TopicAcceptance
 from fmi_bridge.spool import DedupeHorizon, Spool
 
 log = logging.getLogger("fmi_bridge")
@@ -44,6 +44,7 @@ def build_sinks(config: Config) -> list[Sink]:
     sinks: list[Sink] = []
     if config.pubsub_enabled:
         publisher = cloud.publisher_client(config)
+        acceptance = TopicAcceptance()  # the lanes share what the topic takes: a topic-wide refusal holds them all
         sinks += [
             PubSubSink(
                 publisher,
@@ -55,6 +56,7 @@ def build_sinks(config: Config) -> list[Sink]:
                 timeout=config.sink_timeout_seconds,
                 sites_in_flight=config.pubsub_sites_in_flight,
                 key_bytes_per_second=config.pubsub_key_bytes_per_second,
+                acceptance=acceptance,
             )
             for lane in range(config.pubsub_lanes)
         ]

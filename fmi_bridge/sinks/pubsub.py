@@ -53,8 +53,13 @@ OPERATOR_ACTIONS = {
     "FAILED_PRECONDITION": "the service refused the request's form; the readings stay spooled: report it with "
     "this line",
     "INVALID_ARGUMENT": "a message breaks a Pub/Sub limit; it goes to the rejects table after "
-    "PUBSUB_DEADLETTER_ATTEMPTS refusals",
+    "PUBSUB_DEADLETTER_ATTEMPTS refusals while the topic takes other messages",
 }
+TOPIC_REFUSES_ACTION = (
+    "the topic refuses every message, so the cause is the topic, not the readings (e.g. a schema attached to it "
+    "that the KPI events do not match: `python mqtt_subscriber.py check-config` compares it); the readings wait "
+    "in the spool, in order, and go once the topic takes them"
+)
 _Message = types.PubsubMessage.pb()
 _Request = types.PublishRequest.pb()
 
@@ -69,6 +74,37 @@ class _Outcome:
     code: str | None = None
     error: str | None = None
     seconds: float = 0.0
+
+
+class TopicAcceptance:
+    """When the topic last took a message, shared by every lane. A reading refused alone is its own fault only
+    if the topic took other messages since it was first refused; if it took none, the refusal is the topic's
+    (a schema, a setting) and every reading waits: no dead letters, order kept."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.refusing: str | None = None  # the service's words, while the topic refuses everything
+        self._lock = threading.Lock()
+
+    def took(self) -> None:
+        self.last = time.monotonic()
+        with self._lock:
+            was, self.refusing = self.refusing, None
+        if was is not None:
+            log.info("Pub/Sub takes messages again; the readings held in the spool are being sent", extra={"was": was})
+
+    def since(self, moment: float) -> bool:
+        return self.last > moment
+
+    def refuses(self, error: str) -> None:
+        """Say it once, however many lanes and sites meet it."""
+        with self._lock:
+            first, self.refusing = self.refusing is None, error
+        if first:
+            log.error(
+                "Pub/Sub refuses every message; the readings stay in the spool",
+                extra={"code": "INVALID_ARGUMENT", "error": error, "action": TOPIC_REFUSES_ACTION},
+            )
 
 
 @dataclass
@@ -127,6 +163,7 @@ class PubSubSink(Sink):
         timeout: float,
         sites_in_flight: int = 8,
         key_bytes_per_second: int = limits.KEY_BYTES_PER_SECOND,
+        acceptance: TopicAcceptance | None = None,
     ) -> None:
         self.client = client  # google.pubsub_v1.PublisherClient: the RPCs themselves, no client-side batching
         self.topic_path = topic_path
@@ -143,7 +180,9 @@ class PubSubSink(Sink):
         self._pool = ThreadPoolExecutor(max_workers=sites_in_flight, thread_name_prefix=f"publish-{lane}")
         self._in_flight: dict[str, Future[_Outcome]] = {}
         self._sites: dict[str, _Site] = {}  # only sites that failed or wait for budget
-        self._attempts: dict[int, int] = {}  # record id -> times refused when sent alone
+        self.acceptance = acceptance or TopicAcceptance()  # one for every lane of the topic
+        self._attempts: dict[int, tuple[int, float]] = {}  # record id -> (times refused alone, when first)
+        self._first_refused: dict[int, float] = {}  # record id -> when a request holding it was first refused
         self._refusal: tuple[str, str] | None = None  # the last refusal logged as an ERROR
 
     @property
@@ -239,8 +278,8 @@ class PubSubSink(Sink):
 
     def _name_refusal(self, outcome: _Outcome) -> None:
         action = OPERATOR_ACTIONS.get(outcome.code or "")
-        if action is None:
-            return  # transient: the sender's rate-limited warning says it
+        if action is None or self.acceptance.refusing is not None:
+            return  # transient, or the topic's refusal, which TopicAcceptance has said once
         refusal = (outcome.code or "", (outcome.error or "")[:200])
         if refusal == self._refusal:
             return
@@ -271,6 +310,12 @@ class PubSubSink(Sink):
         except api_exceptions.InvalidArgument as exc:
             if len(records) == 1:
                 return self._refused_alone(records[0], exc, outcome)
+            if self.acceptance.refusing is not None:  # the topic refuses everything: halving would only crawl
+                outcome.code, outcome.error = error_code(exc), f"the topic refuses every message: {exc}"
+                return 0
+            refused_at = time.monotonic()  # the halves the topic takes from now on are evidence it takes messages
+            for record in records:
+                self._first_refused.setdefault(record.id, refused_at)
             half = len(records) // 2
             first = self._send(key, records[:half], messages[:half], outcome)
             if first < half:
@@ -279,19 +324,27 @@ class PubSubSink(Sink):
         except Exception as exc:  # transient, or an operator's to fix: the rest of the request waits
             outcome.code, outcome.error = error_code(exc), f"{type(exc).__name__}: {str(exc)[:300]}"
             return 0
+        self.acceptance.took()
         for record in records:
             self._attempts.pop(record.id, None)
+            self._first_refused.pop(record.id, None)
         outcome.done += [record.id for record in records]
         return len(records)
 
     def _refused_alone(self, record: Record, exc: Exception, outcome: _Outcome) -> int:
-        attempts = self._attempts.get(record.id, 0) + 1
+        attempts, first = self._attempts.get(record.id, (0, self._first_refused.get(record.id, time.monotonic())))
+        attempts += 1
         outcome.code = error_code(exc)
-        if attempts < self.deadletter_attempts:
-            self._attempts[record.id] = attempts
-            outcome.error = f"refused one reading ({attempts}/{self.deadletter_attempts}): {exc}"
+        if attempts < self.deadletter_attempts or not self.acceptance.since(first):
+            self._attempts[record.id] = (attempts, first)
+            if attempts < self.deadletter_attempts:
+                outcome.error = f"refused one reading ({attempts}/{self.deadletter_attempts}): {exc}"
+            else:  # refused again and again while the topic took nothing else: the topic's fault
+                outcome.error = f"the topic refuses every message: {exc}"
+                self.acceptance.refuses(str(exc)[:300])
             return 0  # the site waits: nothing after it may overtake it
         self._attempts.pop(record.id, None)
+        self._first_refused.pop(record.id, None)
         detail = f"Pub/Sub refused it {attempts} times: {exc}"
         log.error(
             "reading refused by Pub/Sub; moved to the rejects table",

@@ -3,6 +3,7 @@ to 1,000 messages, and per-site order through Google's emulator's ordered subscr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import grpc
@@ -11,7 +12,17 @@ import pytest
 from fmi_bridge.spool import lane_of
 from tests.conftest import Cloud, PubSubEndpoint, assert_delivered, start_bridge
 from tests.sinks.pubsub_server import Faults
-from tests.support import Bridge, Broker, Published, expected_ids, publish, readings, site_sequences, wait_until
+from tests.support import (
+    Bridge,
+    Broker,
+    Published,
+    bq_query,
+    expected_ids,
+    publish,
+    readings,
+    site_sequences,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -186,3 +197,28 @@ def test_a_message_larger_than_the_sites_throughput_budget_still_goes(
     assert all(len(m.payload) > 4000 for m in messages)
     publish(broker.port, messages)
     assert_delivered(cloud, messages, timeout=60)
+
+
+def test_a_refusal_of_every_message_holds_the_lanes_with_no_dead_letter_and_keeps_order(
+    broker: Broker, cloud: Cloud, faults: Faults, bridges: Callable[..., Bridge]
+) -> None:
+    """Every Publish refused with INVALID_ARGUMENT for 30 s (as a schema attached to the topic that the events do
+    not match would): the cause is the topic, not the readings. One ERROR, no dead letter, and once the topic
+    takes messages again every reading is delivered, in order per site."""
+    bridge = start_bridge(bridges, cloud, broker)
+    faults.reject = lambda message: True
+    messages = readings([f"S{n}" for n in range(6)], 100)
+    publish(broker.port, messages)
+    wait_until(lambda: faults.refused_calls >= 30, 30, "refusals")
+    time.sleep(30)
+    refusing = [
+        e
+        for e in bridge.log_entries()
+        if e.get("message") == "Pub/Sub refuses every message; the readings stay in the spool"
+    ]
+    assert len(refusing) == 1 and "topic" in refusing[0]["action"]
+    assert bridge.metric("fmi_bridge_sink_dead_lettered_total") == 0
+    faults.reject = None
+    assert_delivered(cloud, messages, timeout=90)
+    assert bq_query(cloud.bq, f"SELECT count(*) FROM `{cloud.rejects_table}`")[0][0] == 0
+    assert bridge.metric("fmi_bridge_sink_dead_lettered_total") == 0
