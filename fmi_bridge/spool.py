@@ -23,7 +23,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,17 @@ class DedupeHorizon:
 
     count: int = 100_000
     seconds: float = 900.0
+
+
+class TakeBackOffsets(Protocol):
+    """Records whose write-stream offsets are given again, the lane's next offset then `first`."""
+
+    @property
+    def stream_key(self) -> str: ...
+    @property
+    def ids(self) -> list[int]: ...
+    @property
+    def first(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -532,29 +543,45 @@ class Spool:
             return int(self._observe(sql)[0])
         return int(self._observe(sql + " AND kind = ?", (kind,))[0])
 
-    def settle(self, bit: int, done: Sequence[int], dead_letters: Sequence[tuple[int, dict[str, Any]]] = ()) -> None:
-        """The sink confirmed `done`, and refused `dead_letters` for good (each becomes a reject record).
+    def settle(
+        self,
+        bit: int,
+        done: Sequence[int],
+        dead_letters: Sequence[tuple[int, dict[str, Any]]] = (),
+        take_back: TakeBackOffsets | None = None,
+    ) -> None:
+        """The sink confirmed `done`, and refused `dead_letters` for good (each becomes a reject record); with
+        `take_back`, the offsets of those records are given again from its first.
 
-        One transaction: a refused reading's reject record exists before its bit is cleared. A full disk gives
-        back the reserve and tries once more; SpoolError if it still fails (the caller keeps the ids and retries).
+        One transaction: a refused reading's reject record exists before its bit is cleared, and no crash can
+        land between a take-back and the settle of the same append's other records. A full disk gives back the
+        reserve and tries once more; SpoolError if it still fails (the caller keeps the ids and retries).
         """
         ids = list(done) + [record_id for record_id, _ in dead_letters]
-        if not ids:
+        if not ids and take_back is None:
             return
         rejects = self._rows(entry(REJECT, None, row) for _, row in dead_letters)
         try:
-            self._settle(bit, ids, rejects)
+            self._settle(bit, ids, rejects, take_back)
         except sqlite3.Error as exc:
             if not (exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL and self._give_back_reserve()):
                 raise spool_error("settle failed", exc) from exc
             try:
-                self._settle(bit, ids, rejects)
+                self._settle(bit, ids, rejects, take_back)
             except sqlite3.Error as again:
                 raise spool_error("settle failed", again) from again
 
-    def _settle(self, bit: int, ids: list[int], rejects: list[tuple[str, str | None, str, int, int, float]]) -> None:
+    def _settle(
+        self,
+        bit: int,
+        ids: list[int],
+        rejects: list[tuple[str, str | None, str, int, int, float]],
+        take_back: TakeBackOffsets | None,
+    ) -> None:
         conn = self._connection()
         with self._transaction(conn):
+            if take_back is not None:
+                self._take_back(conn, take_back.stream_key, take_back.ids, take_back.first)
             # No room check: a dead letter replaces the reading it came from.
             self._insert(conn, rejects)
             # A sink that gives offsets is done with them once it has settled the record.
@@ -655,14 +682,14 @@ class Spool:
             conn.execute("PRAGMA synchronous=NORMAL")  # a lost settle only means a resend, which the offsets cure
         return [Record(r.id, r.kind, r.site_code, r.body, first + index) for index, r in enumerate(batch)]
 
-    def take_back_offsets(self, lane: str, ids: Sequence[int], first: int) -> None:
+    @staticmethod
+    def _take_back(conn: sqlite3.Connection, lane: str, ids: Sequence[int], first: int) -> None:
         """The stream refused an append whole (e.g. a bad row): its records get offsets again from `first`."""
-        with self._bookkeeping("taking back stream offsets") as conn:
-            conn.execute(
-                "UPDATE records SET write_offset = NULL WHERE id IN (SELECT value FROM json_each(?))",
-                (json.dumps(list(ids)),),
-            )
-            conn.execute("UPDATE write_streams SET next_offset = ? WHERE lane = ?", (first, lane))
+        conn.execute(
+            "UPDATE records SET write_offset = NULL WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(ids)),),
+        )
+        conn.execute("UPDATE write_streams SET next_offset = ? WHERE lane = ?", (first, lane))
 
     # -- observation ----------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from fmi_bridge.sinks.contract import TakeBack
 from fmi_bridge.spool import READING, REJECT, DedupeHorizon, Entry, Spool, SpoolFullError, lane_of
 from fmi_bridge.spool import entry as spool_entry
 
@@ -140,3 +141,21 @@ def test_keys_are_forgotten_only_past_both_the_count_and_the_time(tmp_path: Path
         remembering.append([keyed(n)])
     remembering.append([keyed(0)])  # past the count, but within the hour
     assert remembering.duplicates == 1
+
+
+def test_a_take_back_lands_with_the_settle_of_the_same_append_or_not_at_all(tmp_path: Path) -> None:
+    """Row errors: the stream took none of an append of 4; record 1 is dead-lettered, the other three get offsets
+    again from the append's first. Both in one transaction: the next batch starts at the taken-back offset with
+    no record left holding an offset beyond it (which the stream would refuse as OUT_OF_RANGE)."""
+    spool = Spool.open(
+        tmp_path, max_bytes=10**9, min_free_bytes=1, reading_bits=BIGQUERY, reject_bits=BIGQUERY, offset_bits=BIGQUERY
+    )
+    spool.start_write_stream("lane", "stream-1", BIGQUERY, READING, 0.0)
+    spool.append([entry(n) for n in range(4)])
+    batch = spool.offset_batch("lane", BIGQUERY, READING, 10, 10**9)
+    assert [r.offset for r in batch] == [0, 1, 2, 3]
+    bad, rest = batch[1], [r.id for r in batch if r is not batch[1]]
+    back = TakeBack("lane", rest, 0)
+    spool.settle(BIGQUERY, [], [(bad.id, {"reject_id": "r", "event_id": "e1"})], back)
+    again = spool.offset_batch("lane", BIGQUERY, READING, 10, 10**9)
+    assert [(r.row["n"], r.offset) for r in again] == [(0, 0), (2, 1), (3, 2)]

@@ -41,7 +41,7 @@ from fmi_bridge.events import dead_letter_row
 from fmi_bridge.sinks.bigquery_append_connection import AppendConnection
 from fmi_bridge.sinks.bigquery_insert_all import DEAD_LETTER_REASON, REQUEST_BYTES, Destination
 from fmi_bridge.sinks.bigquery_write_errors import Meaning, Refusal
-from fmi_bridge.sinks.contract import BIGQUERY, Sink, WriteResult, missing
+from fmi_bridge.sinks.contract import BIGQUERY, Sink, TakeBack, WriteResult, missing
 from fmi_bridge.spool import READING, Record, Spool, SpoolError
 
 log = logging.getLogger(__name__)
@@ -360,9 +360,10 @@ class StorageWriteSink(Sink):
                 )
                 # (retrying it could never succeed)
                 result.done.append(record.id)
-        # The stream took none of the batch: the rest are given offsets again from where the batch began.
-        assert records[0].offset is not None and self._spool is not None
-        self._spool.take_back_offsets(self._stream_key, result.retry, records[0].offset)
+        # The stream took none of the batch: the rest are given offsets again from where the batch began, in the
+        # transaction that settles the others.
+        assert records[0].offset is not None
+        result.take_back = TakeBack(self._stream_key, result.retry, records[0].offset)
         result.error = f"{len(refused)} rows refused; the rest are sent again"
         return result
 

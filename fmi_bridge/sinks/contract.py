@@ -44,6 +44,18 @@ class WriteResult:
     code: str | None = None
     hold_lane: bool = True
     seconds: list[float] | None = None  # how long each answered request took, where write() does not wait
+    # Stream offsets to give again (Storage Write: the stream took none of an append), settled in the same spool
+    # transaction as `done` and `dead_letters`: a crash between the two would leave a gap in the offsets.
+    take_back: TakeBack | None = None
+
+
+@dataclass(frozen=True)
+class TakeBack:
+    """Records whose write-stream offsets are given again, the stream's next offset then `first`."""
+
+    stream_key: str
+    ids: list[int]
+    first: int
 
 
 def error_code(exc: BaseException) -> str:

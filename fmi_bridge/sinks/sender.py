@@ -105,7 +105,9 @@ class Sender:
             result = WriteResult(retry=[record.id for record in batch], error=str(exc), code="ERROR")
         for seconds in [time.monotonic() - started] if result.seconds is None else result.seconds:
             self.metrics.send_seconds.labels(self.sink.name).observe(seconds)
-        self._unsettled = WriteResult(done=list(result.done), dead_letters=list(result.dead_letters))
+        self._unsettled = WriteResult(
+            done=list(result.done), dead_letters=list(result.dead_letters), take_back=result.take_back
+        )
         self._count(result)
         self._track_health(result)
         if not self._settle_unsettled():
@@ -115,10 +117,11 @@ class Sender:
         return False if result.retry and result.hold_lane else None
 
     def _settle_unsettled(self) -> bool:
-        if not (self._unsettled.done or self._unsettled.dead_letters):
+        unsettled = self._unsettled
+        if not (unsettled.done or unsettled.dead_letters or unsettled.take_back):
             return True
         try:
-            self.spool.settle(self.sink.bit, self._unsettled.done, self._unsettled.dead_letters)
+            self.spool.settle(self.sink.bit, unsettled.done, unsettled.dead_letters, unsettled.take_back)
         except SpoolError as exc:
             self.metrics.failed.labels(self.sink.name).inc()
             self.metrics.settle_failed.labels(self.sink.name).inc(
