@@ -12,7 +12,7 @@ from fmi_bridge.backoff import Backoff
 from fmi_bridge.logs import RateLimiter
 from fmi_bridge.metrics import Metrics
 from fmi_bridge.sinks.contract import Sink, SinkUnavailableError, WriteResult
-from fmi_bridge.spool import Spool, SpoolDamagedError, SpoolError, is_corrupt
+from fmi_bridge.spool import Spool, SpoolDamagedError, SpoolError, is_corrupt, spool_error
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Sender:
                 progressed = False
             except Exception as exc:  # thread boundary: log, count, keep the loop alive
                 if isinstance(exc, sqlite3.DatabaseError) and is_corrupt(exc):  # a read of the spool found damage
-                    raise SpoolDamagedError(f"spool read failed: {exc}") from exc
+                    raise spool_error("spool read failed", exc) from exc  # names SQLite's code, SQLITE_CORRUPT
                 log.exception("sender round failed", extra={"sink": self.sink.lane})
                 self._failed("ERROR")
                 progressed = False
