@@ -235,8 +235,9 @@ class PubSubSink(Sink):
         for record in records:
             by_site.setdefault(record.site_code or "", []).append(record)
         for key, site_records in by_site.items():
-            idle = self._meter.room(key, now) >= self._meter.budget  # nothing of the key in the window
-            room = min(self._meter.room(key, now), self._request_budget)
+            key_room = self._meter.room(key, now)
+            idle = key_room >= self._meter.budget  # nothing of the key in the window
+            room = min(key_room, self._request_budget)
             messages: list[Any] = []
             for record in site_records[: self.batch_size]:
                 message = _message(record)
