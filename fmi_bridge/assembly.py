@@ -14,6 +14,7 @@ from fmi_bridge.config import Config
 from fmi_bridge.intake import Intake
 from fmi_bridge.mqtt.link import MqttLink
 from fmi_bridge.sinks.bigquery_insert_all import BigQuerySink, Destination, destinations
+from fmi_bridge.sinks.bigquery_landed import LandedRows
 from fmi_bridge.sinks.bigquery_write import RowEncoder, StorageWriteSink, stream_key
 from fmi_bridge.sinks.contract import BIGQUERY, LOG, PUBSUB, LogSink, Sink
 from fmi_bridge.sinks.pubsub import PubSubSink, TopicAcceptance
@@ -64,20 +65,21 @@ def build_sinks(config: Config) -> list[Sink]:
         tables = bigquery_tables(config)
         batch, timeout = config.bigquery_batch_size, config.sink_timeout_seconds
         if config.bigquery_write_method == "storage_write":
-            writer = cloud.bigquery_write_client(config)
-            encoders = (RowEncoder(SCHEMAS / "bigquery_readings.json"), RowEncoder(SCHEMAS / "bigquery_rejects.json"))
+            writer, reader = cloud.bigquery_write_client(config), cloud.bigquery_client(config)
+            schemas = (SCHEMAS / "bigquery_readings.json", SCHEMAS / "bigquery_rejects.json")
             sinks += [
                 StorageWriteSink(
                     writer,
                     table,
-                    encoder,
+                    RowEncoder(schema),
+                    LandedRows(reader, table, schema, location=config.bigquery_location, timeout=timeout),
                     instance=config.mqtt_client_id,
                     batch_size=config.bigquery_append_rows,
                     timeout=timeout,
                     max_idle_seconds=config.bigquery_stream_max_idle_seconds,
                     in_flight=config.bigquery_appends_in_flight,
                 )
-                for table, encoder in zip(tables, encoders, strict=True)
+                for table, schema in zip(tables, schemas, strict=True)
             ]
         else:
             client = cloud.bigquery_client(config)

@@ -584,17 +584,32 @@ class Spool:
                 self._take_back(conn, take_back.stream_key, take_back.ids, take_back.first)
             # No room check: a dead letter replaces the reading it came from.
             self._insert(conn, rejects)
-            # A sink that gives offsets is done with them once it has settled the record.
-            offset = "NULL" if bit & self.offset_bits else "write_offset"
-            cleared = conn.execute(
-                f"UPDATE records SET pending = pending & ~{int(bit)}, write_offset = {offset} "
-                f"WHERE pending & {int(bit)} AND id IN (SELECT value FROM json_each(?)) RETURNING size",
-                (json.dumps(ids),),
-            ).fetchall()
-            removed = conn.execute(
-                "DELETE FROM records WHERE pending = 0 AND id IN (SELECT value FROM json_each(?)) RETURNING size",
-                (json.dumps(ids),),
-            ).fetchall()
+            cleared, removed = self._clear(conn, bit, ids)
+        self._count_cleared(bit, cleared, removed, rejects)
+
+    def _clear(self, conn: sqlite3.Connection, bit: int, ids: list[int]) -> tuple[list[Any], list[Any]]:
+        """The sink's bit cleared on these records, and those no sink owes any more deleted: (cleared sizes,
+        removed sizes), for the counts once the transaction commits."""
+        # A sink that gives offsets is done with them once it has settled the record.
+        offset = "NULL" if bit & self.offset_bits else "write_offset"
+        cleared = conn.execute(
+            f"UPDATE records SET pending = pending & ~{int(bit)}, write_offset = {offset} "
+            f"WHERE pending & {int(bit)} AND id IN (SELECT value FROM json_each(?)) RETURNING size",
+            (json.dumps(ids),),
+        ).fetchall()
+        removed = conn.execute(
+            "DELETE FROM records WHERE pending = 0 AND id IN (SELECT value FROM json_each(?)) RETURNING size",
+            (json.dumps(ids),),
+        ).fetchall()
+        return cleared, removed
+
+    def _count_cleared(
+        self,
+        bit: int,
+        cleared: list[Any],
+        removed: list[Any],
+        rejects: Sequence[tuple[str, str | None, str, int, int, float]] = (),
+    ) -> None:
         owed = _owed_by_rows((row[4], row[3]) for row in rejects)
         count, cleared_bytes = owed.get(bit, (0, 0))
         owed[bit] = (count - len(cleared), cleared_bytes - sum(size for (size,) in cleared))
@@ -643,11 +658,25 @@ class Spool:
         row = self._connection().execute(f"SELECT 1 FROM records WHERE {_given(bit)} LIMIT 1", (kind,)).fetchone()
         return row is not None
 
-    def start_write_stream(self, lane: str, stream: str, bit: int, kind: str, at: float) -> None:
-        """A new stream for the lane: offsets start at 0, and offsets given on an old stream are dropped."""
+    def start_write_stream(
+        self, lane: str, stream: str, bit: int, kind: str, at: float, *, landed: Sequence[int] = ()
+    ) -> None:
+        """A new stream for the lane: offsets start at 0, and offsets given on an old stream are dropped; `landed`
+        (records the old stream was found to hold) are settled in the same transaction, so a crash cannot leave
+        them owed without their offsets (they would be written again)."""
         with self._bookkeeping("recording a new write stream") as conn:
+            cleared, removed = self._clear(conn, bit, list(landed))
             conn.execute("INSERT OR REPLACE INTO write_streams VALUES (?, ?, 0, ?)", (lane, stream, at))
             conn.execute(f"UPDATE records SET write_offset = NULL WHERE {_given(bit)}", (kind,))
+        self._count_cleared(bit, cleared, removed)
+
+    def given_records(self, bit: int, kind: str) -> list[Record]:
+        """The lane's records holding offsets: sent (or about to be), not known to have landed."""
+        rows = self._connection().execute(
+            f"SELECT id, kind, site_code, body, size, write_offset FROM records WHERE {_given(bit)} ORDER BY id",
+            (kind,),
+        )
+        return [_record(row) for row in rows.fetchall()]
 
     def offset_batch(self, lane: str, bit: int, kind: str, limit: int, max_bytes: int) -> list[Record]:
         """The lane's next batch, every record with its stream offset, committed before anything is sent.
@@ -656,13 +685,9 @@ class Spool:
         so a resend lands on the same offsets and the stream refuses what it already holds. Otherwise the oldest
         records get the stream's next offsets.
         """
+        if given := self.given_records(bit, kind):
+            return given
         conn = self._connection()
-        given = conn.execute(
-            f"SELECT id, kind, site_code, body, size, write_offset FROM records WHERE {_given(bit)} ORDER BY id",
-            (kind,),
-        ).fetchall()
-        if given:
-            return [_record(row) for row in given]
         batch = self.pending(bit, limit, kind=kind, max_bytes=max_bytes)
         if not batch:
             return []

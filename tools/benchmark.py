@@ -200,16 +200,17 @@ def rig(
         pubsub_pid = google.process.pid
     else:
         port = free_port()
-        server = [sys.executable, str(ROOT / "tests" / "pubsub_server.py"), "--port", str(port)]
-        helpers.append(subprocess.Popen([*server, "--latency", str(latency)], stdout=subprocess.PIPE, text=True))
+        server = [sys.executable, "-m", "tests.sinks.pubsub_server", "--port", str(port), "--latency", str(latency)]
+        helpers.append(subprocess.Popen(server, stdout=subprocess.PIPE, text=True, cwd=ROOT))
         assert helpers[-1].stdout is not None
         helpers[-1].stdout.readline()
         pubsub_host = f"127.0.0.1:{port}"
         pubsub_pid = helpers[-1].pid
     bigquery_url = bigquery.url
     if latency:
-        proxy = [sys.executable, str(ROOT / "tests" / "bigquery_proxy.py"), "--upstream", bigquery.url]
-        helpers.append(subprocess.Popen([*proxy, "--latency", str(latency)], stdout=subprocess.PIPE, text=True))
+        proxy = [sys.executable, "-m", "tests.sinks.bigquery_proxy", "--upstream", bigquery.url]
+        proxy += ["--latency", str(latency)]
+        helpers.append(subprocess.Popen(proxy, stdout=subprocess.PIPE, text=True, cwd=ROOT))
         assert helpers[-1].stdout is not None
         bigquery_url = helpers[-1].stdout.readline().split()[-1]
     layer = PubSubConformanceLayer(pubsub_host).start()

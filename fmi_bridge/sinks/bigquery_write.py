@@ -11,10 +11,14 @@ Rules, per lane (what a refusal means: fmi_bridge/sinks/bigquery_write_errors.py
 - Per-row errors (`row_errors`): the stream took none of the batch. The refused rows are dead-lettered (a
   refused reading goes to the rejects table, reason `bigquery_rejected`; a refused reject is logged and let
   go), and the rest get offsets again from the batch's first one.
-- The stream gone, expired, finalized, or behind our offsets (StorageError STREAM_NOT_FOUND, STREAM_FINALIZED,
-  INVALID_STREAM_STATE, …, OFFSET_OUT_OF_RANGE; without a detail NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE):
-  a new stream is created and the batch is given offsets on it. Only here can a row be written twice: a batch
-  that landed on a stream that is then lost is sent once more.
+- The stream gone, expired or finalized (StorageError STREAM_NOT_FOUND, STREAM_FINALIZED, INVALID_STREAM_STATE,
+  …; without a detail NOT_FOUND, FAILED_PRECONDITION), or ending before the lane's first unsettled offset
+  (OFFSET_OUT_OF_RANGE, OUT_OF_RANGE): what the round confirmed is settled first; then, in the next round, the
+  records still holding offsets are looked up in the table by id (fmi_bridge/sinks/bigquery_landed.py), those
+  found are settled in the same spool transaction that records a new stream, and the rest get offsets on it.
+  (The client's OffsetOutOfRange: "specify the offset corresponding to the current end of stream"; the service
+  does not say where that end is, and none of the lane's unsettled records lie at or past it, so a new stream
+  from offset 0 is that cure.) A lookup that fails is asked again after a backoff; nothing is sent meanwhile.
 - A stream unused for BIGQUERY_STREAM_MAX_IDLE_SECONDS is replaced before the next batch gets offsets, so it is
   never met expired; with no append unsettled at that moment, the change writes nothing twice.
 - What waiting cannot cure (a table that lacks the rows' columns or is missing, a grant, an append refused whole):
@@ -40,8 +44,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from fmi_bridge.events import dead_letter_row
 from fmi_bridge.sinks.bigquery_append_connection import AppendConnection
 from fmi_bridge.sinks.bigquery_insert_all import DEAD_LETTER_REASON, REQUEST_BYTES, Destination
+from fmi_bridge.sinks.bigquery_landed import LandedRows
 from fmi_bridge.sinks.bigquery_write_errors import Meaning, Refusal
-from fmi_bridge.sinks.contract import BIGQUERY, Sink, TakeBack, WriteResult, missing
+from fmi_bridge.sinks.contract import BIGQUERY, Sink, SinkUnavailableError, TakeBack, WriteResult, missing
 from fmi_bridge.spool import READING, Record, Spool, SpoolError
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,10 @@ OPERATOR_ACTIONS = {
     Meaning.DENIED: "grant the bridge's service account roles/bigquery.dataEditor on the dataset (docs/deploy.md)",
     Meaning.REFUSED: "the error says why; a table changed by hand: compare it with schemas/ and run provision",
 }
+LOOKUP_DENIED = (
+    "grant the bridge's service account roles/bigquery.jobUser on the project: after a lost write stream it "
+    "queries the table for the records that were in flight (docs/deploy.md)"
+)
 # Rows of one append: the Write API's request limit is 10 MB ("AppendRows request size", BigQuery quotas; the
 # client's docstring says 20 MB), less room for the stream name, the writer schema and framing.
 APPEND_ROW_BYTES = REQUEST_BYTES - 64 * 1024
@@ -128,6 +137,7 @@ class StorageWriteSink(Sink):
         client: Any,
         destination: Destination,
         encoder: RowEncoder,
+        landed_rows: LandedRows,
         *,
         instance: str,
         batch_size: int,
@@ -138,6 +148,7 @@ class StorageWriteSink(Sink):
         self.client = client  # google.cloud.bigquery_storage_v1.BigQueryWriteClient
         self.destination = destination
         self.encoder = encoder
+        self.landed_rows = landed_rows
         self.lane = f"{self.name}/{destination.lane}"
         self._stream_key = stream_key(instance, destination.table)
         self.batch_size = batch_size
@@ -151,6 +162,7 @@ class StorageWriteSink(Sink):
         self._used_saved: float | None = None
         self._reported: str | None = None  # the operator's refusal last logged, so it is logged once per change
         self._spool: Spool | None = None  # the spool of the round in progress
+        self._lost: str | None = None  # why the stream is to be replaced, once what was confirmed is settled
         self._connection = AppendConnection(client, timeout)
 
     def owed(self, spool: Spool) -> int:
@@ -166,6 +178,8 @@ class StorageWriteSink(Sink):
                 self._new_stream(spool, "first use")
             else:
                 self._stream, self._used_at = known
+        if self._lost is not None:
+            self._replace_lost_stream(spool, self._lost)
         if self._idle_too_long() and self.owed(spool) and not spool.offsets_given(self.bit, self.destination.kind):
             # Before it can expire, only for something to send (CreateWriteStream's quota), and only with no
             # append unsettled: the change cannot write a row twice.
@@ -181,7 +195,31 @@ class StorageWriteSink(Sink):
     def _idle_too_long(self) -> bool:
         return self._used_at is not None and time.time() - self._used_at > self.max_idle_seconds
 
-    def _new_stream(self, spool: Spool, why: str) -> None:
+    def _replace_lost_stream(self, spool: Spool, why: str) -> None:
+        """The records that were in flight on the lost stream: those the table holds are settled with the new
+        stream's start, the rest get offsets on it. Raises (and sends nothing) while the table cannot say."""
+        in_flight = spool.given_records(self.bit, self.destination.kind)
+        try:
+            landed = self.landed_rows.landed(in_flight) if in_flight else []
+        except Exception as exc:  # any failure: the records keep their offsets; asked again after a backoff
+            denied = isinstance(exc, api_exceptions.Forbidden)
+            action = LOOKUP_DENIED if denied else "it is asked again after a backoff"
+            if denied:
+                self._report("BigQuery refuses the lookup of a lost write stream's records", str(exc), action)
+            raise SinkUnavailableError(
+                f"cannot learn which of {len(in_flight)} records the lost write stream had landed "
+                f"({type(exc).__name__}: {str(exc)[:200]}); they wait in the spool: {action}",
+                code="PERMISSION_DENIED" if denied else "LOOKUP",
+            ) from exc
+        self._new_stream(spool, why, landed)
+        self._lost = None
+        if in_flight:
+            log.warning(
+                "records in flight on the lost stream looked up in the table",
+                extra={"lane": self.lane, "landed": len(landed), "written_again": len(in_flight) - len(landed)},
+            )
+
+    def _new_stream(self, spool: Spool, why: str, landed: list[int] | None = None) -> None:
         try:
             stream = self.client.create_write_stream(
                 parent=self._parent,
@@ -193,7 +231,7 @@ class StorageWriteSink(Sink):
             raise missing(f"BigQuery table {self.destination.table}") from exc
         self._connection.close()  # a connection is opened for one stream: the next append opens one for the new
         now = time.time()
-        spool.start_write_stream(self._stream_key, stream, self.bit, self.destination.kind, now)
+        spool.start_write_stream(self._stream_key, stream, self.bit, self.destination.kind, now, landed=landed or ())
         self._stream, self._used_at, self._used_saved = str(stream), now, now
         log.info("opened a BigQuery write stream", extra={"lane": self.lane, "stream": stream, "why": why})
 
@@ -229,6 +267,8 @@ class StorageWriteSink(Sink):
             elif not isinstance(outcome, Refusal):
                 later = self._refused_rows(rest, outcome.row_errors)
             elif outcome.meaning is Meaning.WRITTEN and probe:
+                self.progressed(result)  # settled now: the probes that follow can take many round trips
+                result = WriteResult()
                 later = self._settle_what_landed(rest)
             else:
                 later = self._after_refusal([record.id for record in rest], outcome)
@@ -272,7 +312,7 @@ class StorageWriteSink(Sink):
         first = records[0].offset
         assert first is not None
         low, high, probe = 1, len(records) - 1, len(records) - 1  # the common case first: all had landed
-        taken = False
+        taken, settled = False, 0  # records[:settled] are reported landed (to the sender, which settles them)
         while low <= high:
             [answer] = self._connection.exchange(
                 [self._request([self.encoder.encode(records[probe].row)], first + probe)]
@@ -285,10 +325,15 @@ class StorageWriteSink(Sink):
                 raise outcome  # write() keeps every record with its offset, for the next round
             if isinstance(outcome, Refusal) and outcome.meaning is Meaning.WRITTEN:
                 low = probe + 1
+                # Each probe is a round trip: what it proved landed is settled at once, and the sender's heartbeat
+                # refreshed, so a slow service neither stalls liveness nor makes a restart probe it again.
+                self.progressed(WriteResult(done=[record.id for record in records[settled:low]]))
+                settled = low
             elif not isinstance(outcome, Refusal) or outcome.meaning is Meaning.BEYOND_END:
                 high = probe - 1  # a refused row was not written either: the end is at most there
             else:
-                return self._after_refusal([record.id for record in records], outcome)
+                return self._after_refusal([record.id for record in records[settled:]], outcome)
+            self.progressed(WriteResult())
             probe = (low + high) // 2
         # The stream ended at records[low] before the probes; a probe that was taken wrote that one.
         rest = records[low + taken :]
@@ -298,7 +343,7 @@ class StorageWriteSink(Sink):
                 extra={"lane": self.lane, "stream": self._stream, "landed": low, "written": len(records) - low},
             )
         result = self._send(rest, probe=False) if rest else WriteResult()
-        result.done += [record.id for record in records[: len(records) - len(rest)]]
+        result.done += [record.id for record in records[settled : len(records) - len(rest)]]
         return result
 
     def _landed(self, result: WriteResult) -> WriteResult:
@@ -323,24 +368,27 @@ class StorageWriteSink(Sink):
                 "BigQuery write stream lost; opening a new one",
                 extra={"lane": self.lane, "stream": self._stream, "error": refusal.describe()[:300]},
             )
-            self._new_stream(self._spool, meaning.value)
+            # Not here: the round's confirmed records are settled first, then the next round looks up the rest.
+            self._lost = meaning.value
+            self._connection.close()
         elif meaning in OPERATOR_ACTIONS:
-            self._report(refusal, meaning)
+            self._report(
+                f"BigQuery refuses every append: {meaning.value}", refusal.describe(), OPERATOR_ACTIONS[meaning]
+            )
         return WriteResult(retry=ids, error=error)
 
-    def _report(self, refusal: Refusal, meaning: Meaning) -> None:
+    def _report(self, message: str, said: str, action: str) -> None:
         """A refusal only an operator can cure: one ERROR line saying what to do, once per change."""
-        said = refusal.describe()
         if said == self._reported:
             return
         self._reported = said
         log.error(
-            f"BigQuery refuses every append: {meaning.value}",
+            message,
             extra={
                 "lane": self.lane,
                 "table": self.destination.table,
                 "error": said[:300],
-                "action": OPERATOR_ACTIONS[meaning],
+                "action": action,
             },
         )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,7 +24,11 @@ LOG = 4
 
 class SinkUnavailableError(Exception):
     """The sink cannot be used at all now (e.g. its topic or table is missing): the round waits a backoff; the
-    message says what an operator can do."""
+    message says what an operator can do; `code` labels the lane's failure metric."""
+
+    def __init__(self, message: str, code: str = "NOT_FOUND") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def missing(resource: str) -> SinkUnavailableError:
@@ -76,6 +81,14 @@ class Sink(Protocol):
     # A sink that answers asynchronously (Pub/Sub) sets its own event when an answer arrives; None: the sender
     # makes one, set when intake commits.
     wakeup: threading.Event | None = None
+    # Set by the sender. A write that takes several round trips reports what each settles as it comes: the sender
+    # refreshes its heartbeat and settles it at once, so a slow service cannot make a working lane look stalled,
+    # and a restart does not repeat what was finished.
+    on_progress: Callable[[WriteResult], None] | None = None
+
+    def progressed(self, result: WriteResult) -> None:
+        if self.on_progress is not None:
+            self.on_progress(result)
 
     @property
     def busy(self) -> bool:

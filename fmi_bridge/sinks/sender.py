@@ -32,6 +32,7 @@ class Sender:
         # else, and never sent again meanwhile.
         self._unsettled = WriteResult()
         self._down_since: float | None = None  # when the lane's current run of failures began
+        sink.on_progress = self._progressed
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -39,7 +40,7 @@ class Sender:
             try:
                 progressed = self._round()
             except SinkUnavailableError as exc:
-                self._failed("NOT_FOUND")
+                self._failed(exc.code)
                 self._warn("sink unavailable", str(exc), self.owed())
                 progressed = False
             except SpoolDamagedError:
@@ -105,9 +106,7 @@ class Sender:
             result = WriteResult(retry=[record.id for record in batch], error=str(exc), code="ERROR")
         for seconds in [time.monotonic() - started] if result.seconds is None else result.seconds:
             self.metrics.send_seconds.labels(self.sink.name).observe(seconds)
-        self._unsettled = WriteResult(
-            done=list(result.done), dead_letters=list(result.dead_letters), take_back=result.take_back
-        )
+        self._keep(result)
         self._count(result)
         self._track_health(result)
         if not self._settle_unsettled():
@@ -115,6 +114,20 @@ class Sender:
         if result.done or result.dead_letters:
             return True
         return False if result.retry and result.hold_lane else None
+
+    def _progressed(self, result: WriteResult) -> None:
+        """Part of a write settled (or just answered) while the write goes on."""
+        self.heartbeat = time.monotonic()
+        if result.done or result.dead_letters:
+            self._keep(result)
+            self._count(result)
+            self._settle_unsettled()  # a failure keeps them for the round's own settle
+
+    def _keep(self, result: WriteResult) -> None:
+        """What the sink confirmed, to settle (added to what an earlier settle could not record)."""
+        self._unsettled.done += result.done
+        self._unsettled.dead_letters += result.dead_letters
+        self._unsettled.take_back = result.take_back or self._unsettled.take_back
 
     def _settle_unsettled(self) -> bool:
         unsettled = self._unsettled

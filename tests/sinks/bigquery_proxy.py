@@ -20,6 +20,8 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from tests.sinks.bigquery_write_conformance import EMULATOR_LOCK
+
 REQUEST_LIMIT = 10 * 1024 * 1024
 # The partition window: rows of a time-partitioned table are streamed only into partitions "within 1825 days in
 # the past and 366 days in the future relative to the current date" (the service's refusal, quoted in
@@ -52,6 +54,8 @@ class BigQueryFaults:
     window_refused: int = 0  # rows refused for the partition window
     insert_calls: int = 0
     largest_request: int = 0
+    deny_queries: bool = False  # queries answered 403, as for an identity without bigquery.jobs.create
+    queries: int = 0
 
 
 class BigQueryProxy:
@@ -66,6 +70,8 @@ class BigQueryProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if self.command == "POST" and self.path.split("?")[0].endswith("/insertAll"):
                     status, answer = proxy._insert_all(self.path, body)
+                elif self.command == "POST" and self.path.split("?")[0].endswith("/queries"):
+                    status, answer = proxy._query(self.path, body)
                 else:
                     status, answer = proxy._forward(self.command, self.path, body)
                 self.send_response(status)
@@ -103,6 +109,17 @@ class BigQueryProxy:
                 return response.status, response.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
+
+    def _query(self, path: str, body: bytes) -> tuple[int, bytes]:
+        self.faults.queries += 1
+        if self.faults.deny_queries:
+            # The service's answer to jobs.query without the permission (its reason and the permission it names).
+            project = path.split("/projects/")[1].split("/", maxsplit=1)[0]
+            message = f"Access Denied: Project {project}: User does not have bigquery.jobs.create permission"
+            error = {"code": 403, "message": message, "status": "PERMISSION_DENIED"}
+            return 403, json.dumps({"error": {**error, "errors": [{"reason": "accessDenied", **error}]}}).encode()
+        with EMULATOR_LOCK:  # a query meeting an append can deadlock the emulator (one DuckDB connection)
+            return self._forward("POST", path, body)
 
     def _partition_field(self, insert_path: str) -> str | None:
         """The table's time-partitioning column, read from the emulator (once a table)."""

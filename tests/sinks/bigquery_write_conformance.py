@@ -78,6 +78,9 @@ class WriteApiConformance:
     refuse_whole: bytes | None = None  # fault injection: an append with a row containing these is refused whole
     idle_close_seconds: float = IDLE_CLOSE_SECONDS
     round_trip_seconds: float = 0.0  # latency model: each append answered no sooner than this after it was sent
+    # The way back: an append is in the table this long before its answer leaves (a bridge killed meanwhile
+    # leaves records that landed and were never settled).
+    answer_delay_seconds: float = 0.0
     connect_seconds: float = 0.0  # latency model: what opening an AppendRows connection costs
     silent: threading.Event = field(default_factory=threading.Event)  # fault: while set, appends get no answer
     refusals: list[tuple[str, str]] = field(default_factory=list)  # (rule, detail)
@@ -176,6 +179,7 @@ class WriteApiConformance:
             if any(not _Response.FromString(answer).HasField("error") for answer in answers):
                 with self._lock:
                     self._used[stream] = time.monotonic()
+            time.sleep(self.answer_delay_seconds)
             yield from answers
 
     def _refuse(self, rule: str, detail: str, response: Any) -> Any:

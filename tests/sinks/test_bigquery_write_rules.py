@@ -27,6 +27,7 @@ from fmi_bridge.sinks.bigquery_write_errors import Meaning, Refusal
 from fmi_bridge.sinks.contract import BIGQUERY
 from fmi_bridge.spool import READING, entry
 from tests.conftest import PROJECT, Cloud, PubSubEndpoint, cloud_env, start_bridge
+from tests.sinks.bigquery_proxy import BigQueryProxy
 from tests.sinks.bigquery_write_conformance import REQUEST_LIMIT, WriteApiConformance
 from tests.support import (
     BigQueryEmulator,
@@ -300,6 +301,121 @@ def test_a_batch_only_partly_landed_before_a_power_cut_is_completed_not_settled_
     assert row_count(cloud) == sorted(expected_ids(messages))  # 20 rows, each once
     completed = [e for e in bridge.log_entries() if e.get("message", "").startswith("an earlier send had landed")]
     assert [(e["landed"], e["written"]) for e in completed] == [(10, 10)]
+
+
+def lane_key(config: Config, table: str) -> str:
+    return f"{config.mqtt_client_id}:{table}"
+
+
+def spool_with_landed_half(cloud: Cloud, env: dict[str, str], count: int) -> tuple[list[Published], str]:
+    """The spool as a bridge killed mid-append leaves it: `count` records holding offsets 0.. on a stream, the
+    first half of them landed, none settled. Returns the messages and the stream."""
+    config = Config.from_env(env)
+    messages = readings(["S1"], count)
+    rows = [row_of(message) for message in messages]
+    client = writer(cloud)
+    stream = new_stream(client, cloud.readings_table)
+    spool = open_spool(config)
+    spool.append([entry(READING, row["site_code"], row) for row in rows])
+    key = lane_key(config, cloud.readings_table)
+    spool.start_write_stream(key, stream, BIGQUERY, READING, time.time())
+    assert len(spool.offset_batch(key, BIGQUERY, READING, count, 10**9)) == count
+    landed = append(client, stream, [ENCODER.encode(row) for row in rows[: count // 2]], 0)
+    assert landed.append_result.offset == 0 and not landed.row_errors
+    spool.release()
+    return messages, stream
+
+
+def test_records_in_flight_on_a_lost_stream_are_looked_up_not_written_twice(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], tmp_path: Path
+) -> None:
+    """Someone finalizes the stream (one way Google's service loses it for the bridge) after half of an append's
+    records landed and before any was settled: those are found in the table, the rest go on a new stream."""
+    env = {**cloud.env, "MQTT_PORT": str(broker.port), "SPOOL_DIR": str(tmp_path / "spool")}
+    messages, stream = spool_with_landed_half(cloud, env, 40)
+    writer(cloud).finalize_write_stream(name=stream, timeout=30)
+
+    bridge = bridges(env).start()
+    wait_until(lambda: bridge.metric("fmi_bridge_spool_records") == 0, 60, "every record settled")
+
+    assert row_count(cloud) == sorted(expected_ids(messages))  # 40 rows counted: none twice (60 without)
+    looked_up = [e for e in bridge.log_entries() if e.get("message", "").startswith("records in flight on the lost")]
+    assert [(e["landed"], e["written_again"]) for e in looked_up] == [(20, 20)]
+
+
+def test_a_lookup_the_service_refuses_holds_the_records_and_names_the_role(
+    broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge], tmp_path: Path
+) -> None:
+    """The lookup needs bigquery.jobs.create: refused, nothing is sent on a new stream (that could write rows
+    twice) and nothing is dropped; one ERROR names the role; granted, the lane goes on by itself."""
+    proxy = BigQueryProxy(cloud.env["BIGQUERY_EMULATOR_HOST"]).start()
+    proxy.faults.deny_queries = True
+    env = {
+        **cloud.env,
+        "MQTT_PORT": str(broker.port),
+        "SPOOL_DIR": str(tmp_path / "spool"),
+        "BIGQUERY_EMULATOR_HOST": proxy.url,
+    }
+    try:
+        messages, stream = spool_with_landed_half(cloud, env, 20)
+        writer(cloud).finalize_write_stream(name=stream, timeout=30)
+        bridge = bridges(env).start()
+        wait_until(lambda: proxy.faults.queries >= 3, 60, "the lookup refused again and again")
+        errors = [e for e in bridge.log_entries() if e.get("severity") == "ERROR"]
+        assert len(errors) == 1 and "roles/bigquery.jobUser" in errors[0]["action"], errors
+        assert bridge.metric("fmi_bridge_spool_records") == len(messages)  # all kept, none dropped
+        assert len(row_count(cloud)) == len(messages) // 2  # nothing written meanwhile
+        assert bridge.metric("fmi_bridge_lane_failed_total", 'lane="bigquery/readings",code="PERMISSION_DENIED"') >= 1
+
+        proxy.faults.deny_queries = False
+        wait_until(lambda: bridge.metric("fmi_bridge_spool_records") == 0, 60, "every record, once granted")
+        assert row_count(cloud) == sorted(expected_ids(messages))
+    finally:
+        proxy.stop()
+
+
+def test_probes_against_a_slow_service_keep_the_lane_alive_and_settle_as_they_go(
+    broker: Broker, cloud: Cloud, write_api: WriteApiConformance, bridges: Callable[..., Bridge], tmp_path: Path
+) -> None:
+    """2,000 records owed from offset 0 (a power cut took back their assignment), the first 1,000 landed: the
+    append at 0 is answered ALREADY_EXISTS and the stream's end is found by probes, each a round trip of 1.5 s
+    here: about twelve of them, longer than LIVENESS_STALL_SECONDS. Liveness stays green throughout, and what
+    the probes prove landed is settled as they go, not at the end of the round."""
+    env = {
+        **cloud.env,
+        "MQTT_PORT": str(broker.port),
+        "SPOOL_DIR": str(tmp_path / "spool"),
+        "BIGQUERY_APPENDS_IN_FLIGHT": "1",
+        "SINK_TIMEOUT_SECONDS": "5",
+        "LIVENESS_STALL_SECONDS": "10",
+    }
+    config = Config.from_env(env)
+    messages = readings(["S1", "S2"], 1000)
+    rows = [row_of(message) for message in messages]
+    client = writer(cloud)
+    stream = new_stream(client, cloud.readings_table)
+    assert not append(client, stream, [ENCODER.encode(row) for row in rows[:1000]], 0).row_errors
+    spool = open_spool(config)
+    spool.append([entry(READING, row["site_code"], row) for row in rows])
+    spool.start_write_stream(lane_key(config, cloud.readings_table), stream, BIGQUERY, READING, time.time())
+    spool.release()
+    write_api.round_trip_seconds = 1.5
+
+    bridge = bridges(env).start()
+    bridge.wait_ready()
+    owed: set[float] = set()
+    liveness: list[int] = []
+
+    def done() -> bool:
+        liveness.append(bridge.status("/liveness_check")[0])
+        owed.add(bridge.metric("fmi_bridge_sink_owed_records", 'sink="bigquery"'))
+        return bridge.metric("fmi_bridge_spool_records") == 0
+
+    wait_until(done, 120, "every record settled", interval=0.5)
+    assert set(liveness) == {200}, liveness
+    assert owed & set(range(1, len(messages))), owed  # settled in steps as probes proved rows landed
+    assert write_api.passed_appends >= 10  # the probes (and the rest) did take that many round trips
+    assert row_count(cloud) == sorted(expected_ids(messages))
 
 
 # -- the connection ----------------------------------------------------------------------------------------------
