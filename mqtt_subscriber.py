@@ -24,10 +24,11 @@ from fmi_bridge.loops import Loops
 from fmi_bridge.metrics import Metrics
 from fmi_bridge.mqtt.inbox import Inbox
 from fmi_bridge.mqtt.link import MqttLink
+from fmi_bridge.preflight import UnusableError, folder_problem
 from fmi_bridge.readings import validate
 from fmi_bridge.shutdown import stop_in_order, stop_requested
 from fmi_bridge.sinks.sender import Sender, wake
-from fmi_bridge.spool import SpoolError
+from fmi_bridge.spool import SpoolError, SpoolInUseError
 from fmi_bridge.stats import StatsReporter
 
 log = logging.getLogger("fmi_bridge")
@@ -47,12 +48,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(config: Config, options: argparse.Namespace | None = None) -> int:
+    metrics = Metrics()
+    try:  # what this machine must give before anything starts: the ports, bound now, and the spool's folder
+        health = HealthServer("PORT", config.port, host=config.listen_address)
+        operators = HealthServer("METRICS_PORT", config.metrics_port, host="127.0.0.1", metrics=metrics)
+        if problem := folder_problem("SPOOL_DIR", config.spool_dir):
+            raise UnusableError(problem)
+    except UnusableError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return cli.EXIT_CONFIG
     log.info("starting", extra={"config": config.describe()})
     warn_of_schema_gaps(config)
-    metrics = Metrics()
     sinks = build_sinks(config)
     try:
         spool = open_spool(config)
+    except SpoolInUseError as exc:  # a second bridge on the same folder: a setting to change, not a fault
+        print(f"configuration error: SPOOL_DIR={config.spool_dir}: {exc}", file=sys.stderr)
+        return cli.EXIT_CONFIG
     except SpoolError as exc:
         log.error("cannot open the spool; nothing was changed, exiting to be restarted", extra={"error": str(exc)})
         return cli.EXIT_FAULT
@@ -90,10 +102,8 @@ def run(config: Config, options: argparse.Namespace | None = None) -> int:
         loops.add(f"sender-{sender.sink.lane}", sender)
     loops.add("stats", stats)
     checks = {"/liveness_check": loops.liveness, "/readiness_check": lambda: readiness(link, intake, spool)}
-    health = HealthServer(config.port, checks=checks, host=config.listen_address)
-    operators = HealthServer(config.metrics_port, checks=checks, host="127.0.0.1", metrics=metrics)
-    health.start()
-    operators.start()
+    health.start(checks)
+    operators.start(checks)
     loops.start()
     log.info(
         "running",

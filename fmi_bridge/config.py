@@ -546,6 +546,8 @@ class Config:
                 f"SPOOL_DEDUPE_COUNT={self.spool_dedupe_count}: must be at least MQTT_RECEIVE_MAXIMUM "
                 f"({self.mqtt_receive_maximum}), or a reading left un-acknowledged at a restart is spooled twice"
             )
+        if self.port == self.metrics_port:
+            raise ConfigError(f"PORT and METRICS_PORT are both {self.port}: each needs a port of its own")
         self._check_tls_files()
         if self.mqtt_password and not self.mqtt_username:
             raise ConfigError("MQTT_USERNAME is required when a password is set")

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fmi_bridge.metrics import Metrics
+from fmi_bridge.preflight import UnusableError, describe
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,11 @@ class HealthServer:
     (App Engine restarts an instance after a few failed liveness probes). The checks read the spool only on
     connections of their own, so the short-lived threads leave nothing open."""
 
-    def __init__(self, port: int, *, checks: dict[str, Check], host: str, metrics: Metrics | None = None) -> None:
+    def __init__(self, setting: str, port: int, *, host: str, metrics: Metrics | None = None) -> None:
+        """Binds at once (UnusableError naming `setting` when the port is taken): before the spool is opened or
+        the broker reached. Answers from start(checks) on."""
+        checks: dict[str, Check] = {}
+        self._checks = checks
 
         class Handler(BaseHTTPRequestHandler):
             timeout = REQUEST_TIMEOUT_SECONDS
@@ -53,7 +58,10 @@ class HealthServer:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's signature)
                 pass  # probes every few seconds would drown the useful lines
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise UnusableError(describe(setting, host, port, exc)) from None
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 
@@ -61,7 +69,8 @@ class HealthServer:
     def port(self) -> int:
         return int(self._server.server_address[1])
 
-    def start(self) -> None:
+    def start(self, checks: dict[str, Check]) -> None:
+        self._checks.update(checks)
         self._thread.start()
 
     def stop(self) -> None:

@@ -86,6 +86,10 @@ def spool_error(what: str, exc: sqlite3.Error) -> SpoolError:
     return kind(f"{what}: {_describe(exc)}")
 
 
+class SpoolInUseError(SpoolError):
+    """Another process owns the spool (a second bridge given the same SPOOL_DIR)."""
+
+
 class SpoolFullError(SpoolError):
     """No room for more records; the caller must hold its messages and try again later."""
 
@@ -768,7 +772,7 @@ def _lock_exclusively(path: Path) -> Any:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise SpoolError(f"spool {path.parent} is in use by another process (pid {holder})") from None
+        raise SpoolInUseError(f"spool {path.parent} is in use by another process (pid {holder})") from None
     try:  # the pid only helps the message above; a full disk must not stop start-up here
         handle.truncate(0)
         handle.write(str(os.getpid()))

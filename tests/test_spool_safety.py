@@ -109,7 +109,7 @@ def test_a_locked_spool_stops_start_up_with_exit_1_and_is_left_as_it_is(
     wait_until(lambda: logged_ids(bridge) == ids, 30, "every spooled reading sent once the lock is gone")
 
 
-def test_a_second_bridge_on_the_same_spool_exits_1(
+def test_a_second_bridge_on_the_same_spool_exits_2_naming_spool_dir(
     broker: Broker, bridges: Callable[..., Bridge], tmp_path: Path
 ) -> None:
     spool = tmp_path / "spool"
@@ -117,8 +117,9 @@ def test_a_second_bridge_on_the_same_spool_exits_1(
     first.wait_ready()
     second = bridges(local_env(broker, spool)).start()
     assert second.process is not None
-    assert second.process.wait(30) == 1
-    assert f"in use by another process (pid {first.process.pid})" in second.output()  # type: ignore[union-attr]
+    assert second.process.wait(30) == 2
+    line = f"SPOOL_DIR={spool}: spool {spool} is in use by another process (pid {first.process.pid})"  # type: ignore[union-attr]
+    assert line in second.output()
     assert first.alive()
 
 

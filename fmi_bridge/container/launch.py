@@ -32,8 +32,10 @@ from fmi_bridge.config import ENVIRONMENTS, Config, ConfigError, Setting, listen
 from fmi_bridge.container.broker_conf import SECURED_ENVIRONMENTS, BrokerSecurity, acl_text, render
 from fmi_bridge.container.secrets import SecretError, fetch_secrets
 from fmi_bridge.container.supervisor_watch import FATAL_MARKER
+from fmi_bridge.preflight import duplicate_ports, folder_problem, port_problem
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+BUNDLED_BROKER_HOSTS = ("localhost", "127.0.0.1", "::1")  # MQTT_BROKER naming the container's own Mosquitto
 BROKER_USER = "mosquitto"  # Debian's package makes it: Mosquitto warns when it keeps root's rights
 
 # The broker side of the container, declared like the subscriber's settings (the README lists both).
@@ -107,6 +109,9 @@ def prepare(environ: dict[str, str]) -> Path:
     run_dir = Path(environ.get("BRIDGE_RUN_DIR") or "var/run").resolve()
     data_dir = Path(environ.get("MOSQUITTO_DATA_DIR") or "var/mosquitto").resolve()
     secured = app_env in SECURED_ENVIRONMENTS
+    bundled = (environ.get("MQTT_BROKER") or "localhost") in BUNDLED_BROKER_HOSTS
+    if bundled and environ.get("MQTT_PORT") and not environ.get("MOSQUITTO_PORT"):
+        environ["MOSQUITTO_PORT"] = environ["MQTT_PORT"]  # one setting moves the bundled broker and the bridge
     port_text = environ.get("MOSQUITTO_PORT") or ("8883" if secured else "1883")
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise LaunchError(f"MOSQUITTO_PORT={port_text!r}: must be a port number")
@@ -131,7 +136,7 @@ def prepare(environ: dict[str, str]) -> Path:
             tls_ca=_file(environ, "MOSQUITTO_TLS_CA") if environ.get("MOSQUITTO_TLS_CA") else None,
         )
     conf = run_dir / "mosquitto.conf"
-    bind = environ.get("LISTEN_ADDRESS") or listen_address(app_env)
+    bind = broker_address(environ)
     conf.write_text(
         render(
             app_env,
@@ -142,7 +147,14 @@ def prepare(environ: dict[str, str]) -> Path:
             bind_address=bind,
         )
     )
+    environ["MOSQUITTO_PORT"] = port_text  # as rendered: the port checks read it
     environ.setdefault("MQTT_PORT", port_text)
+    if bundled and environ["MQTT_PORT"] != port_text:
+        print(
+            f"warning: MQTT_PORT={environ['MQTT_PORT']} but the bundled broker listens on MOSQUITTO_PORT={port_text}: "
+            "the bridge will not reach it (set MQTT_PORT alone to move both)",
+            file=sys.stderr,
+        )
     environ["BRIDGE_RUN_DIR"] = str(run_dir)
     environ["BRIDGE_APP_DIR"] = str(APP_DIR)
     environ["BRIDGE_PYTHON"] = sys.executable
@@ -155,7 +167,9 @@ def main(argv: list[str]) -> int:
     try:
         conf = prepare(environ)
         if not render_only:
-            Config.from_env(environ)  # the subscriber's own check, before anything starts
+            config = Config.from_env(environ)  # the subscriber's own check, before anything starts
+            if problem := environment_problem(environ, config):
+                raise LaunchError(problem)
     except (LaunchError, ConfigError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -167,6 +181,26 @@ def main(argv: list[str]) -> int:
         print("supervisord not found: pip install -r requirements.txt", file=sys.stderr)
         return 2
     return supervise(supervisord, environ, Path(environ["BRIDGE_RUN_DIR"]))
+
+
+def broker_address(environ: Mapping[str, str]) -> str:
+    return environ.get("LISTEN_ADDRESS") or listen_address(environ.get("APP_ENV", ""))
+
+
+def environment_problem(environ: Mapping[str, str], config: Config) -> str | None:
+    """What this machine cannot give the programs about to start: a port taken (named with what holds it), one
+    port named twice, an unusable spool folder."""
+    ports = {
+        "MOSQUITTO_PORT": (broker_address(environ), int(environ["MOSQUITTO_PORT"])),
+        "PORT": (config.listen_address, config.port),
+        "METRICS_PORT": ("127.0.0.1", config.metrics_port),
+    }
+    if problem := duplicate_ports({name: port for name, (_, port) in ports.items()}):
+        return problem
+    for name, (host, port) in ports.items():
+        if problem := port_problem(name, host, port):
+            return problem
+    return folder_problem("SPOOL_DIR", config.spool_dir)
 
 
 def supervise(supervisord: str, environ: dict[str, str], run_dir: Path) -> int:
