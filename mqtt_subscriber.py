@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from functools import partial
 
@@ -26,7 +27,7 @@ from fmi_bridge.mqtt.inbox import Inbox
 from fmi_bridge.mqtt.link import MqttLink
 from fmi_bridge.preflight import UnusableError, folder_problem
 from fmi_bridge.readings import validate
-from fmi_bridge.shutdown import stop_in_order, stop_requested
+from fmi_bridge.shutdown import stop_in_order, stop_requested, stop_with_parent
 from fmi_bridge.sinks.sender import Sender, wake
 from fmi_bridge.spool import SpoolError, SpoolInUseError
 from fmi_bridge.stats import StatsReporter
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(config: Config, options: argparse.Namespace | None = None) -> int:
+    if os.environ.get("SUPERVISOR_ENABLED"):  # set by supervisord for its programs
+        stop_with_parent()  # however supervisord ends, this process does not outlive it
     metrics = Metrics()
     try:  # what this machine must give before anything starts: the ports, bound now, and the spool's folder
         health = HealthServer("PORT", config.port, host=config.listen_address)

@@ -10,6 +10,7 @@ stopwaitsecs and App Engine's 30 s):
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import threading
@@ -25,16 +26,26 @@ STEP_CAP_SECONDS = 5.0  # intake and link each finish in well under a second unl
 CLOSE_SECONDS = 2.0  # kept back from the flush for stopping the senders and closing the clients
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def stop_requested() -> threading.Event:
-    """Set on SIGTERM (Supervisor, App Engine) or SIGINT (a terminal's Ctrl-C)."""
+    """Set on SIGTERM (Supervisor, App Engine, the parent's death), SIGINT (a terminal's Ctrl-C) or SIGHUP (the
+    terminal closed)."""
     stopping = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
         stopping.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, handler)
     return stopping
+
+
+def stop_with_parent() -> None:
+    """SIGTERM to this process when its parent dies (Linux prctl PR_SET_PDEATHSIG), so a program Supervisor
+    started never outlives it, however supervisord ends. Safe in a child between fork and exec."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def stop_in_order(seconds: float, *, link: Any, loops: Loops, senders: Sequence[Any], sinks: Sequence[Any]) -> None:

@@ -11,7 +11,6 @@ kept running (Supervisor gave up on it: FATAL); otherwise supervisord's own (0 a
 from __future__ import annotations
 
 import configparser
-import ctypes
 import getpass
 import os
 import pwd
@@ -21,7 +20,7 @@ import stat
 import subprocess
 import sys
 import xmlrpc.client
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,8 @@ from fmi_bridge.container.broker_conf import SECURED_ENVIRONMENTS, BrokerSecurit
 from fmi_bridge.container.secrets import SecretError, fetch_secrets
 from fmi_bridge.container.supervisor_watch import FATAL_MARKER
 from fmi_bridge.preflight import duplicate_ports, folder_problem, port_problem
+from fmi_bridge.shutdown import stop_with_parent
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 BUNDLED_BROKER_HOSTS = ("localhost", "127.0.0.1", "::1")  # MQTT_BROKER naming the container's own Mosquitto
 BROKER_USER = "mosquitto"  # Debian's package makes it: Mosquitto warns when it keeps root's rights
 
@@ -42,7 +41,11 @@ BROKER_USER = "mosquitto"  # Debian's package makes it: Mosquitto warns when it 
 LAUNCH_SETTINGS: tuple[Setting, ...] = (
     Setting("BRIDGE_RUN_DIR", "Where the rendered broker configuration and supervisord's socket go.", "var/run"),
     Setting("MOSQUITTO_DATA_DIR", "Mosquitto's persistence folder; must survive restarts.", "var/mosquitto"),
-    Setting("MOSQUITTO_PORT", "Broker listener port; default 1883 (LOCAL, DEV) or 8883 with TLS (PPRD, PRD)."),
+    Setting(
+        "MOSQUITTO_PORT",
+        "Broker listener port; default MQTT_PORT when that is set (so MQTT_PORT alone moves the bundled broker and "
+        "the bridge together), else 1883 (LOCAL, DEV) or 8883 with TLS (PPRD, PRD).",
+    ),
     Setting("MOSQUITTO_PASSWORD_FILE", "PPRD/PRD: password file made with mosquitto_passwd (a mounted secret)."),
     Setting("MOSQUITTO_TLS_CERT", "PPRD/PRD: the broker's certificate (PEM); include `localhost` for the bridge."),
     Setting("MOSQUITTO_TLS_KEY", "PPRD/PRD: the broker's private key (PEM)."),
@@ -149,12 +152,6 @@ def prepare(environ: dict[str, str]) -> Path:
     )
     environ["MOSQUITTO_PORT"] = port_text  # as rendered: the port checks read it
     environ.setdefault("MQTT_PORT", port_text)
-    if bundled and environ["MQTT_PORT"] != port_text:
-        print(
-            f"warning: MQTT_PORT={environ['MQTT_PORT']} but the bundled broker listens on MOSQUITTO_PORT={port_text}: "
-            "the bridge will not reach it (set MQTT_PORT alone to move both)",
-            file=sys.stderr,
-        )
     environ["BRIDGE_RUN_DIR"] = str(run_dir)
     environ["BRIDGE_APP_DIR"] = str(APP_DIR)
     environ["BRIDGE_PYTHON"] = sys.executable
@@ -170,6 +167,7 @@ def main(argv: list[str]) -> int:
             config = Config.from_env(environ)  # the subscriber's own check, before anything starts
             if problem := environment_problem(environ, config):
                 raise LaunchError(problem)
+            warn_of_another_broker_port(environ, config)
     except (LaunchError, ConfigError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -181,6 +179,16 @@ def main(argv: list[str]) -> int:
         print("supervisord not found: pip install -r requirements.txt", file=sys.stderr)
         return 2
     return supervise(supervisord, environ, Path(environ["BRIDGE_RUN_DIR"]))
+
+
+def warn_of_another_broker_port(environ: Mapping[str, str], config: Config) -> None:
+    broker_port = int(environ["MOSQUITTO_PORT"])
+    if config.mqtt_broker in BUNDLED_BROKER_HOSTS and config.mqtt_port != broker_port:
+        print(
+            f"warning: MQTT_PORT={config.mqtt_port} but the bundled broker listens on MOSQUITTO_PORT={broker_port}: "
+            "the bridge will not reach it (set MQTT_PORT alone to move both)",
+            file=sys.stderr,
+        )
 
 
 def broker_address(environ: Mapping[str, str]) -> str:
@@ -214,29 +222,68 @@ def supervise(supervisord: str, environ: dict[str, str], run_dir: Path) -> int:
         command += ["--user", "root"]  # said explicitly: supervisord warns (CRIT) when root is only implied
     # A process group of its own: Ctrl-C in a terminal signals the whole foreground group, and supervisord
     # would log a WARN for it; here only this launcher hears it, and stops supervisord over its socket. If the
-    # launcher itself is killed, the kernel tells supervisord (SIGTERM), so nothing is left running.
-    child = subprocess.Popen(command, env=environ, process_group=0, preexec_fn=_stop_with_parent)  # noqa: PLW1509 (the launcher runs no thread)
+    # launcher itself is killed, the kernel tells supervisord (SIGTERM), so nothing is left running. Its output
+    # comes through this launcher: a reader that goes away (`make run | tee`, tee gone) ends the run in order
+    # instead of failing supervisord's writes and orphaning its programs.
+    child = subprocess.Popen(
+        command,
+        env=environ,
+        process_group=0,
+        preexec_fn=stop_with_parent,  # noqa: PLW1509 (the launcher runs no thread)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    asked = False
 
-    def stop(received: int, frame: object) -> None:
+    def stop(received: int, frame: object = None) -> None:
         # Asked over its socket, supervisord stops everything as for a signal, without a WARN line for a stop
         # that is no fault; the signal itself is the fallback.
+        nonlocal asked
+        if asked and received != signal.SIGINT:
+            return
+        asked = True
         try:
             _supervisor_rpc(conf, run_dir).supervisor.shutdown()
         except (OSError, xmlrpc.client.Error):
-            child.send_signal(received)
+            child.send_signal(signal.SIGTERM if received == signal.SIGHUP else received)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, stop)
+    assert child.stdout is not None
+    relay(child.stdout.fileno(), sys.stdout.fileno(), reader_gone=lambda: stop(signal.SIGTERM))
     code = child.wait()
+    _stop_broker_left_behind(run_dir)
     if marker.exists():
         print(f"stopped: a program could not be kept running ({marker.read_text().strip()})", file=sys.stderr)
         return 1
     return code
 
 
-def _stop_with_parent() -> None:
-    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def relay(source: int, target: int, reader_gone: Callable[[], None]) -> None:
+    """Copy supervisord's output as it comes until it ends; when the target's reader is gone, say so once and
+    keep draining (a full pipe would stall the programs' stop)."""
+    gone = False
+    while chunk := os.read(source, 65536):
+        if gone:
+            continue
+        try:
+            os.write(target, chunk)
+        except OSError:  # EPIPE: the pipe's reader ended (Python ignores SIGPIPE); EIO: the terminal closed
+            gone = True
+            reader_gone()
+
+
+def _stop_broker_left_behind(run_dir: Path) -> None:
+    """Mosquitto drops its rights as it starts (which clears the parent-death signal): if supervisord ended
+    without stopping it (killed), the broker of this run (started on its configuration file) is stopped here."""
+    conf = str(run_dir / "mosquitto.conf").encode()
+    for pid in (entry for entry in os.listdir("/proc") if entry.isdigit()):
+        try:
+            program, *args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if Path(program.decode()).name == "mosquitto" and args[:2] == [b"-c", conf]:
+                os.kill(int(pid), signal.SIGTERM)
+        except OSError:  # gone meanwhile, or not ours to signal
+            continue
 
 
 def _supervisor_rpc(conf: Path, run_dir: Path) -> Any:

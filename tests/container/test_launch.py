@@ -3,6 +3,8 @@ supervisord.conf with the shipped mosquitto.conf (paths pointed at a temporary f
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from fmi_bridge.spool import LOCK_FILE
 from tests.support import (
     ROOT,
     free_port,
@@ -150,11 +153,22 @@ def test_a_bad_setting_stops_the_start_with_one_line_and_exit_2(container: Conta
     assert not port_open(container.mqtt_port)
 
 
-@pytest.mark.parametrize("container", [{"SPOOL_DIR": "/dev/null/spool"}], indirect=True)
-def test_a_subscriber_that_cannot_keep_running_stops_everything_with_exit_1(container: Container) -> None:
-    """A fault found only at run time (here a spool folder that cannot exist): Supervisor gives up, and the
+@pytest.fixture
+def spool_held(tmp_path: Path) -> Iterator[None]:
+    """The container's spool owned by another process from before the start (its lock taken)."""
+    (tmp_path / "spool").mkdir()
+    with (tmp_path / "spool" / LOCK_FILE).open("a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+
+
+def test_a_subscriber_that_cannot_keep_running_stops_everything_with_exit_1(
+    spool_held: None, container: Container
+) -> None:
+    """A fault found only at run time (here the spool owned by another process): Supervisor gives up, and the
     container ends non-zero, not as a clean stop."""
     assert container.process.wait(90) == 1
+    assert "is in use by another process" in container.output()
     output = container.output()
     assert "gave up: subscriber entered FATAL state" in output
     assert "program went FATAL, stopping supervisord" in output
@@ -246,3 +260,64 @@ def test_on_stop_sites_are_cut_off_before_the_bridge_stops_reading(container: Co
     (stopping,) = [e for e in entries if e.get("message", "").startswith("stopping")]
     began_to_stop = datetime.fromisoformat(stopping["time"]).timestamp()
     assert acknowledged and max(acknowledged) < began_to_stop
+
+
+def processes_of(run_dir: Path) -> list[str]:
+    """pid and command of every process started for this run (they carry its BRIDGE_RUN_DIR)."""
+    found = []
+    marker = f"BRIDGE_RUN_DIR={run_dir}".encode()
+    for pid in (entry for entry in os.listdir("/proc") if entry.isdigit()):
+        try:
+            if marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                found.append(f"{pid} {command}")
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("end", ["ctrl-c", "reader-killed", "terminal-closed"])
+def test_nothing_outlives_make_run_piped_into_tee(end: str, tmp_path: Path) -> None:
+    """`make run 2>&1 | tee run.log` (here the launcher piped into tee, in a group of its own as a terminal's job),
+    then Ctrl-C to the group, only the reader killed, or the terminal closed (SIGHUP): everything stops."""
+    shared = Path(tempfile.mkdtemp(prefix="fmi-broker-"))
+    shared.chmod(0o755)
+    ports = {"MOSQUITTO_PORT": free_port(), "PORT": free_port(), "METRICS_PORT": free_port()}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MQTT_", "PUBSUB_", "BIGQUERY_"))},
+        "APP_ENV": "LOCAL",
+        "BRIDGE_RUN_DIR": str(tmp_path / "run"),
+        "MOSQUITTO_DATA_DIR": str(shared / "mosquitto"),
+        "SPOOL_DIR": str(tmp_path / "spool"),
+        **{name: str(port) for name, port in ports.items()},
+    }
+    job = subprocess.Popen(
+        ["bash", "-c", f"{sys.executable} -m fmi_bridge.container.launch 2>&1 | tee {tmp_path / 'run.log'}"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: http_get(ports["PORT"], "/readiness_check")[0] == 200, 60, "readiness")
+        assert len(processes_of(tmp_path / "run")) >= 3  # launcher, supervisord, subscriber (Mosquitto: its user)
+        if end == "ctrl-c":
+            os.killpg(job.pid, signal.SIGINT)
+        elif end == "terminal-closed":
+            os.killpg(job.pid, signal.SIGHUP)
+        else:
+            tee = subprocess.run(
+                ["pgrep", "-g", str(job.pid), "-x", "tee"], capture_output=True, text=True, check=False
+            )
+            os.kill(int(tee.stdout.split()[0]), signal.SIGKILL)
+            mosquitto_pub(ports["MOSQUITTO_PORT"], "FCTS/FAE/MOR/SolvExtract/PI.FT1", READING)  # a line to write
+
+        wait_until(lambda: not processes_of(tmp_path / "run"), 40, "every process gone")
+        assert not any(port_open(port) for port in ports.values())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        for leftover in processes_of(tmp_path / "run"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(leftover.split()[0]), signal.SIGKILL)
+        shutil.rmtree(shared, ignore_errors=True)
