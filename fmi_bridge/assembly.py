@@ -130,6 +130,8 @@ def warn_of_schema_gaps(config: Config) -> None:
 
 def readiness(link: MqttLink, intake: Intake, spool: Spool) -> str | None:
     """Why the bridge cannot take readings now, or None when it can."""
+    if taken := link.session_taken:
+        return taken
     if not link.connected:
         return "not connected to the MQTT broker"
     if link.subscription_refused:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, Broker, free_port, port_open
+from tests.support import ROOT, Broker, free_port, port_open, wait_until
 
 HOLD = (
     "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); "
@@ -130,3 +130,20 @@ def test_mqtt_port_alone_moves_the_bundled_broker_with_the_bridge(tmp_path: Path
         running.terminate()
         running.wait(40)
     assert first.startswith(f"warning: MQTT_PORT={port} but the bundled broker listens on MOSQUITTO_PORT="), first
+
+
+def test_a_second_launch_from_the_same_folder_is_named_not_supervisords_socket_error(tmp_path: Path) -> None:
+    """`make run` twice in one clone: the second would meet the first's supervisord socket ("Another program is
+    already listening on a port"); it is refused first, naming BRIDGE_RUN_DIR."""
+    env = clean_env(tmp_path)
+    command = [sys.executable, "-m", "fmi_bridge.container.launch"]
+    first = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until((tmp_path / "run" / "supervisor.sock").exists, 30, "the first run's supervisord")
+        again = clean_env(tmp_path)  # other ports, the same folders
+        line = one_line(launcher(again))
+        assert line.startswith(f"configuration error: BRIDGE_RUN_DIR={tmp_path / 'run'}: a bridge started from it")
+        assert first.poll() is None  # the first run is untouched
+    finally:
+        first.terminate()
+        first.wait(40)

@@ -34,7 +34,7 @@ from fmi_bridge import cloud
 from fmi_bridge.assembly import open_spool, write_stream_keys
 from fmi_bridge.commands import reach, spool_admin
 from fmi_bridge.commands.provision import SUBSCRIPTION_NAME, ProvisionError, provision
-from fmi_bridge.commands.replay import replay
+from fmi_bridge.commands.replay import REPLAYABLE_REASONS, replay
 from fmi_bridge.config import SETTINGS, Config, ConfigError
 from fmi_bridge.spool import SpoolError
 
@@ -184,6 +184,10 @@ def replay_rejects(config: Config, options: argparse.Namespace) -> int:
     since one process owns the spool)."""
     if not config.bigquery_enabled:
         print(f"replay reads the rejects table, and BigQuery is off for APP_ENV={config.app_env}", file=sys.stderr)
+        return EXIT_CONFIG
+    if options.reason not in REPLAYABLE_REASONS:
+        known = ", ".join(sorted(REPLAYABLE_REASONS))
+        print(f"replay --reason {options.reason}: no such reason; the bridge writes {known}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         spool = None if options.dry_run else open_spool(config)

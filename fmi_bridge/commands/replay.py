@@ -22,7 +22,7 @@ from fmi_bridge import cloud
 from fmi_bridge.config import Config
 from fmi_bridge.events import reading_row, rfc3339
 from fmi_bridge.partition_window import PartitionWindow
-from fmi_bridge.readings import Inbound, Reading, validate
+from fmi_bridge.readings import REASONS, Inbound, Reading, validate
 from fmi_bridge.sinks import bigquery_insert_all, pubsub
 from fmi_bridge.sinks.contract import BIGQUERY, PUBSUB
 from fmi_bridge.spool import READING, Spool, SpoolFullError, entry
@@ -30,6 +30,7 @@ from fmi_bridge.spool import READING, Spool, SpoolFullError, entry
 MARKS_PER_REQUEST = 500
 PAGE_ROWS = 5000  # rejects read, validated, spooled and marked at a time
 DEAD_LETTERS_OF = {pubsub.DEAD_LETTER_REASON: PUBSUB, bigquery_insert_all.DEAD_LETTER_REASON: BIGQUERY}
+REPLAYABLE_REASONS = frozenset(REASONS) | set(DEAD_LETTERS_OF)  # every reason the bridge writes
 ORIGINAL_CHANGED = "payload_not_original"  # the stored text no longer gives the original bytes (e.g. truncated)
 
 

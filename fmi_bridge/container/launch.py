@@ -16,6 +16,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -205,10 +206,24 @@ def environment_problem(environ: Mapping[str, str], config: Config) -> str | Non
     }
     if problem := duplicate_ports({name: port for name, (_, port) in ports.items()}):
         return problem
+    if _answers(Path(environ["BRIDGE_RUN_DIR"]) / "supervisor.sock"):
+        return (
+            f"BRIDGE_RUN_DIR={environ['BRIDGE_RUN_DIR']}: a bridge started from it is running (its supervisord "
+            "answers there); stop it, or give this one its own BRIDGE_RUN_DIR, ports and SPOOL_DIR"
+        )
     for name, (host, port) in ports.items():
         if problem := port_problem(name, host, port):
             return problem
     return folder_problem("SPOOL_DIR", config.spool_dir)
+
+
+def _answers(socket_path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as client:
+        try:
+            client.connect(str(socket_path))
+        except OSError:  # none, or left by a run that ended
+            return False
+    return True
 
 
 def supervise(supervisord: str, environ: dict[str, str], run_dir: Path) -> int:

@@ -45,6 +45,9 @@ QOS = 1
 RETAIN_HANDLING = SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
 UNREACHABLE_WARN_SECONDS = 5.0  # a broker away longer than this is a WARNING; a restart takes less
 FLAPPING_LOSSES = 3  # connections lost within a minute before each loss is a WARNING
+LOSS_WINDOW_SECONDS = 60.0
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5.0, 3.14.2.1: "Another Connection using the same ClientID has connected"
+CONNECTION_CLOSED = 0x80  # what paho reports for a connection the peer closed without a DISCONNECT packet
 
 
 class MqttLink:
@@ -63,6 +66,9 @@ class MqttLink:
         self._closing = False
         self._unreachable_since: float | None = None  # the first failed connect of the current run of them
         self._losses: deque[float] = deque()  # when recent connections were lost (flapping shows as a WARNING)
+        self._ended: deque[float] = deque()  # ...of them, those the broker ended (a takeover looks like this)
+        self._takeover_reported = False
+        self._end_pending: float | None = None  # when the broker last ended the connection, until the next connect
         self._acks: deque[Inbound] = deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -115,6 +121,7 @@ class MqttLink:
                     properties=self._connect_properties(),
                 )
             except (OSError, ssl.SSLError) as exc:
+                self._end_pending = None  # the broker went away: its end of the connection was no takeover
                 delay = self._backoff.next_delay()
                 now = time.monotonic()
                 self._unreachable_since = self._unreachable_since or now
@@ -193,6 +200,7 @@ class MqttLink:
             return
         self.generation += 1
         self.connected = True
+        self._count_ended()
         self._backoff.reset()
         self.metrics.connects.inc()
         # A resumed session gets again what the bridge had not acknowledged: the copies waiting in the inbox
@@ -240,20 +248,67 @@ class MqttLink:
         self.connected = False
         self.subscribed = False
         self._subscribe_at = None  # the next connect subscribes anyway
-        if was_connected:
-            self.metrics.disconnects.inc()
-            now = time.monotonic()
-            self._losses.append(now)
-            while self._losses[0] < now - 60:
-                self._losses.popleft()
-            # One loss (a broker restart, the broker stopped first at a normal stop) is no alarm; a connection
-            # lost again and again (a packet it cannot take, a second client with its id) is.
-            flapping = len(self._losses) >= FLAPPING_LOSSES and not self._closing
-            log.log(
-                logging.WARNING if flapping else logging.INFO,
-                "disconnected from broker",
-                extra={"reason": str(reason), "losses_in_the_last_minute": len(self._losses)},
+        if not was_connected:
+            return
+        self.metrics.disconnects.inc()
+        now = time.monotonic()
+        from_server = bool(flags.is_disconnect_packet_from_server)
+        said = f"{reason} (0x{reason.value:02X})" if from_server else None
+        if self._closing:
+            why = "the bridge is stopping"
+        elif from_server:
+            why = f"the broker sent DISCONNECT: {said}"
+        elif reason.value == CONNECTION_CLOSED:
+            why = "the broker closed the connection without a DISCONNECT packet"
+        else:
+            why = f"the bridge closed it: {reason} (0x{reason.value:02X})"
+        _recent(self._losses, now).append(now)
+        # Ended by the broker, not by a fault of ours: what a second client with our client id causes (MQTT
+        # 5.0 names it 0x8E; Mosquitto 2.0 just closes the old connection). Counted once the next connect is
+        # taken at once: a broker that went away (a restart, a normal stop) refuses it first.
+        if not self._closing and (from_server or reason.value == CONNECTION_CLOSED):
+            self._end_pending = now
+        # One loss is no alarm; a connection lost again and again (a packet it cannot take) is.
+        flapping = len(self._losses) >= FLAPPING_LOSSES and not self._closing
+        log.log(
+            logging.WARNING if flapping else logging.INFO,
+            "disconnected from broker",
+            extra={"reason": why, "losses_in_the_last_minute": len(self._losses)},
+        )
+
+    def _count_ended(self) -> None:
+        """At a connect: the connection before it was ended by the broker although it is there (see above)."""
+        if self._end_pending is None:
+            return
+        now = time.monotonic()
+        _recent(self._ended, now).append(self._end_pending)
+        self._end_pending = None
+        taken = self.session_taken
+        if taken and not self._takeover_reported:
+            log.error(
+                "another client keeps taking the bridge's session",
+                extra={"detail": taken, "client_id": self.config.mqtt_client_id, "action": self._takeover_action()},
             )
+        self._takeover_reported = taken is not None
+
+    @property
+    def session_taken(self) -> str | None:
+        """Why the session looks taken over by another client, while it does (readiness says it), else None."""
+        since = time.monotonic() - LOSS_WINDOW_SECONDS
+        ended = sum(1 for moment in list(self._ended) if moment >= since)  # read only: readiness's thread asks
+        if ended < FLAPPING_LOSSES:
+            return None
+        return (
+            f"the broker ended the bridge's connection {ended} times in the last minute, each time after accepting "
+            f"it: another client is connecting with the client id {self.config.mqtt_client_id!r}"
+        )
+
+    def _takeover_action(self) -> str:
+        action = "give each bridge (and every other client) its own MQTT_CLIENT_ID"
+        if self.config.mqtt_username:
+            # The bundled PPRD/PRD broker takes the login as the client id (use_username_as_clientid).
+            action += "; where the broker takes the login as the client id, its own MQTT_USERNAME too"
+        return action
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
@@ -295,3 +350,10 @@ class MqttLink:
             message = self._acks.popleft()
             if message.generation == self.generation and self.connected:
                 self.client.ack(message.mid, message.qos)
+
+
+def _recent(moments: deque[float], now: float) -> deque[float]:
+    """The deque with what is older than the loss window dropped."""
+    while moments and moments[0] < now - LOSS_WINDOW_SECONDS:
+        moments.popleft()
+    return moments

@@ -202,6 +202,15 @@ def test_replay_refuses_while_a_bridge_owns_the_spool(
     assert result.returncode == 1 and "in use by another process" in result.stderr
 
 
+def test_replay_of_a_reason_the_bridge_never_writes_says_so(cloud: Cloud, tmp_path: Path) -> None:
+    """A typo would otherwise answer "matched": 0, as if there were nothing to replay."""
+    result = run({**cloud.env, "SPOOL_DIR": str(tmp_path / "spool")}, "replay", "--reason", "nosuchreason")
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert "nosuchreason: no such reason" in line and "bad_json" in line and "pubsub_rejected" in line
+    assert not (tmp_path / "spool").exists()
+
+
 def test_replay_without_its_marks_table_says_to_run_provision(
     broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]
 ) -> None:

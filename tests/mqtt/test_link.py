@@ -270,7 +270,8 @@ def test_a_connection_lost_again_and_again_is_a_warning_one_loss_is_not(
 ) -> None:
     """Another client with the bridge's client id (LOCAL and DEV bind no id to a login) takes the session each
     time it connects: the bridge reconnects and loses it again. One loss is a broker restart; three in a minute
-    are a fault an operator must see."""
+    are a fault an operator must see: an ERROR naming MQTT_CLIENT_ID, and readiness saying so. A normal stop
+    after it reads as one."""
     bridge = bridges({**LOCAL_ONLY, "MQTT_PORT": str(broker.port), "MQTT_CLIENT_ID": "bridge-id"}).start()
     bridge.wait_ready()
     for taken in range(1, 4):
@@ -279,6 +280,45 @@ def test_a_connection_lost_again_and_again_is_a_warning_one_loss_is_not(
         borrower.loop(timeout=0.5)
         borrower.disconnect()
         wait_until(lambda n=taken: bridge.metric("fmi_bridge_mqtt_disconnects_total") >= n, 10, f"loss {taken}")
-        bridge.wait_ready()  # it took its session back
+        wait_until(lambda n=taken: bridge.metric("fmi_bridge_mqtt_connects_total") > n, 10, "its session taken back")
     losses = [e for e in bridge.log_entries() if e.get("message") == "disconnected from broker"]
     assert [e["severity"] for e in losses] == ["INFO", "INFO", "WARNING"]
+    assert {e["reason"] for e in losses} == {"the broker closed the connection without a DISCONNECT packet"}
+    errors = [e for e in bridge.log_entries() if e.get("severity") == "ERROR"]
+    assert [e["message"] for e in errors] == ["another client keeps taking the bridge's session"]
+    assert "MQTT_CLIENT_ID" in errors[0]["action"] and errors[0]["client_id"] == "bridge-id"
+    status, body = bridge.status("/readiness_check")
+    assert status == 503 and "client id 'bridge-id'" in body
+
+    assert bridge.terminate() == 0
+    last = [e for e in bridge.log_entries() if e.get("message") == "disconnected from broker"][-1]
+    assert last["reason"] == "the bridge is stopping" and last["severity"] == "INFO"
+    assert "Unspecified error" not in bridge.output()
+
+
+def test_two_bridges_with_one_client_id_each_say_so(broker: Broker, tmp_path: Path) -> None:
+    """Each knocks the other off the broker about once a second, for ever: both name the setting to change."""
+    pair = []
+    for n in (1, 2):  # each with its own folder (spool, log) and ports, one client id
+        (tmp_path / f"bridge-{n}").mkdir()
+        pair.append(
+            Bridge(tmp_path / f"bridge-{n}", {**LOCAL_ONLY, "MQTT_PORT": str(broker.port), "MQTT_CLIENT_ID": "one-id"})
+        )
+    try:
+        for bridge in pair:
+            bridge.start()
+
+        def said(bridge: Bridge) -> list[dict[str, Any]]:
+            return [
+                e
+                for e in bridge.log_entries()
+                if e.get("message") == "another client keeps taking the bridge's session"
+            ]
+
+        for bridge in pair:
+            wait_until(lambda b=bridge: said(b), 60, "the ERROR")
+            assert len(said(bridge)) == 1 and "MQTT_CLIENT_ID" in said(bridge)[0]["action"]
+            wait_until(lambda b=bridge: "client id 'one-id'" in b.status("/readiness_check")[1], 10, "readiness")
+    finally:
+        for bridge in pair:
+            bridge.stop()
