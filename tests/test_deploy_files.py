@@ -156,10 +156,21 @@ def test_pipeline_stages_gates_and_keyless_auth() -> None:
     text = (ROOT / "project-ci.yml").read_text()
     assert "GOOGLE_APPLICATION_CREDENTIALS" not in text and "key-file" not in text
     jobs = {env: ci[f"deploy-{env}"] for env in ("dev", "pprd", "prd")}
-    assert [rule.get("when") for rule in jobs["dev"]["rules"]] == [None]
+    scheduled = {"if": '$CI_PIPELINE_SOURCE == "schedule"', "when": "never"}
+    assert [rule.get("when") for rule in jobs["dev"]["rules"]] == ["never", None]
     for env in ("pprd", "prd"):
-        assert [rule.get("when") for rule in jobs[env]["rules"]] == ["manual"]
+        assert [rule.get("when") for rule in jobs[env]["rules"]] == ["never", "manual"]
         assert jobs[env]["environment"]["name"] == env
+    for name in ("test", "build", *(f"deploy-{env}" for env in jobs)):
+        assert ci[name]["rules"][0] == scheduled  # the hourly DNS schedule runs none of them
+    # The scheduled DNS refresh: one job per environment, its variables, never beside that environment's deploy.
+    refresh = {env: ci[f"site-dns-{env}"] for env in jobs}
+    assert ci[".site-dns"]["rules"] == [{"if": '$CI_PIPELINE_SOURCE == "schedule" && $SITE_DNS_REFRESH == "true"'}]
+    assert "SITE_BROKER_DNS_REFRESH=true" in ci[".site-dns"]["script"][0]
+    for env, job in refresh.items():
+        assert job["environment"] == {"name": env, "action": "access"}  # the environment's scoped DNS variables
+        assert job["resource_group"] == jobs[env]["resource_group"]
+        assert job["variables"]["GCP_PROJECT"] == jobs[env]["variables"]["GCP_PROJECT"]
     assert jobs["pprd"]["needs"] == ["build", "deploy-dev"]
     assert jobs["prd"]["needs"] == ["build", "deploy-pprd"]
     assert {jobs[env]["variables"]["APP_YAML"] for env in jobs} == set(DESCRIPTORS.values())
@@ -201,7 +212,7 @@ FAKE_GCLOUD = """#!/bin/sh
 echo "$*" >> "$GCLOUD_LOG"
 case "$*" in
   "app instances list"*) echo 203.0.113.7 ;;
-  "dns record-sets describe"*) exit "$RECORD_MISSING" ;;
+  "dns record-sets describe"*) echo "${RECORD_IP:-}"; exit "$RECORD_MISSING" ;;
   "app versions list"*) printf 'v-old\\n' ;;
 esac
 """
@@ -230,6 +241,7 @@ def run_dns_step(
             "PATH": f"{bin_dir}:/usr/bin:/bin",
             "GCLOUD_LOG": str(log),
             "RECORD_MISSING": "1" if record_missing else "0",
+            "RECORD_IP": variables.pop("RECORD_IP", ""),
             **{k: v for k, v in variables.items() if v},
         },
         capture_output=True,
@@ -255,6 +267,24 @@ def test_the_dns_step_points_the_sites_name_at_the_new_instance_then_stops_the_o
 
     result, calls = run_dns_step(tmp_path, record_missing=False)  # the next deploy: the record exists
     assert result.returncode == 0 and calls[2].startswith("dns record-sets update mqtt.prd.example.com.")
+
+
+def test_the_scheduled_refresh_moves_the_name_only_when_the_address_moved_and_stops_nothing(tmp_path: Path) -> None:
+    """After App Engine's weekly restart (a new instance, a new address, no deploy)."""
+    refresh = {"SITE_BROKER_DNS_REFRESH": "true", "VERSION": ""}
+    result, calls = run_dns_step(tmp_path, record_missing=False, RECORD_IP="198.51.100.1", **refresh)
+    assert result.returncode == 0, result.stderr
+    assert [call.split(" --")[0] for call in calls] == [
+        "app versions list",  # the serving version, found by itself
+        "app instances list",
+        "dns record-sets describe mqtt.prd.example.com.",
+        "dns record-sets update mqtt.prd.example.com.",
+    ]
+    assert "traffic_split>0" in calls[0] and "--version=v-old" in calls[1] and "--rrdatas=203.0.113.7" in calls[3]
+
+    result, calls = run_dns_step(tmp_path, record_missing=False, RECORD_IP="203.0.113.7", **refresh)
+    assert result.returncode == 0 and "nothing changed" in result.stdout
+    assert not any(call.startswith(("dns record-sets update", "app versions stop")) for call in calls)
 
 
 def test_the_dns_step_names_a_missing_variable_and_changes_nothing(tmp_path: Path) -> None:
@@ -310,3 +340,54 @@ def test_gcloud_own_parser_refuses_what_it_should(tmp_path: Path) -> None:
     broken.write_text((ROOT / "prd.yml").read_text().replace("instances: 1", "instances: one"))
     assert "instances: one" in broken.read_text()
     assert gcloud_parse(broken)["broken.yml"] == {"path": str(broken), "error": "YamlParseError"}
+
+
+# -- docs/deploy.md, checked against the files it deploys ------------------------------------------------------
+
+PROJECT_IDS = ("fmi-iot-dev", "fmi-iot-pprd", "fmi-iot-prd")
+
+
+def deploy_guide_for(project: str) -> str:
+    """docs/deploy.md with `$P` as the given project: section 1 is run once per environment."""
+    return (ROOT / "docs" / "deploy.md").read_text().replace("$P", project)
+
+
+def test_the_deploy_guide_lists_every_file_that_names_a_project_id() -> None:
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    naming = {
+        name
+        for name in tracked
+        if not name.startswith("tests/") and any(pid in (ROOT / name).read_text(errors="ignore") for pid in PROJECT_IDS)
+    }
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    section = guide[guide.index("## 0. Your project ids") : guide.index("## 1.")]
+    listed = {name for name in naming if f"`{name}`" in section or name == "docs/deploy.md"}
+    assert naming == listed, f"files naming a project id that section 0 does not list: {sorted(naming - listed)}"
+
+
+def test_the_deploy_guide_creates_everything_the_descriptors_name() -> None:
+    """No step may name a resource no step creates: the network, subnet, service account and secrets of each
+    descriptor are each made by a command of the guide (run with that environment's project id)."""
+    for descriptor in DESCRIPTORS.values():
+        app = load(descriptor)
+        project = app["env_variables"]["GCP_PROJECT_ID"]
+        guide = deploy_guide_for(project)
+        assert f"networks create {app['network']['name']} " in guide, descriptor
+        assert f"subnets create {app['network']['subnetwork_name']} " in guide, descriptor
+        assert f"--target-tags={app['network']['instance_tag']}" in guide
+        account, _ = app["service_account"].split("@")
+        assert f"service-accounts create {account} --project={project}" in guide
+        for name, value in app["env_variables"].items():
+            if name.endswith("_SECRET"):
+                assert f"gcloud secrets create {value} " in guide, (descriptor, value)
+                assert value in guide[guide.index("for secret in") :].split("\n", 1)[0]  # and granted to the bridge
+        assert f"PUBSUB_TOPIC={app['env_variables']['PUBSUB_TOPIC']}" in guide
+        assert f"BIGQUERY_DATASET={app['env_variables']['BIGQUERY_DATASET']}" in guide
+        assert "BIGQUERY_LOCATION=$REGION" in guide and app["env_variables"]["BIGQUERY_LOCATION"] == "us-central1"
+    ci_variables = set(
+        re.findall(r"\$\{?(GCP_[A-Z_]+|IMAGE_REPOSITORY|SITE_BROKER_[A-Z_]+)", (ROOT / "project-ci.yml").read_text())
+    )
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    for variable in ci_variables - {"GCP_PROJECT", "GCP_SERVICE_ACCOUNT"}:  # the jobs' own
+        assert f"`{variable}`" in guide or variable.startswith("GCP_DEPLOY_SA_"), variable
+    assert "`GCP_DEPLOY_SA_DEV`, `GCP_DEPLOY_SA_PPRD`, `GCP_DEPLOY_SA_PRD`" in guide
