@@ -3,14 +3,16 @@ Pub/Sub backend (Google's emulator, or the in-repo server) and bqemulator.
 
     .venv/bin/python tools/benchmark.py e2e      [--readings 30000] [--sites 10] [--pubsub google|server]
     .venv/bin/python tools/benchmark.py backlog  [--readings 100000] [--sites 10] [--pubsub google|server]
-    (both also [--bigquery storage_write|insert_all] [--latency-model])
+    (both also [--bigquery storage_write|insert_all] [--latency-model] [--profile])
     .venv/bin/python tools/benchmark.py baseline [--messages 300] [--latency 0.02]
 
 e2e: publish start → every reading in both sinks, beside a bare paho subscriber (MQTT 5 and 3.1.1) that only
 counts and acknowledges, measured on the same broker in the same run; CPU per reading from /proc.
 backlog: N readings spooled while both sinks are unreachable, then a fresh bridge with the sinks up: drain rate
-and peak RSS. baseline: the original design (one synchronous publish and one single-row insert per message,
-in the MQTT callback) against sinks with added latency, beside the bridge against the same sinks.
+and peak RSS, beside how busy each emulator was. --profile: a py-spy recording of the bridge over the measured
+window, CPU µs a reading by stage (tools/profile_stages.py). baseline: the original design (one synchronous
+publish and one single-row insert per message, in the MQTT callback) against sinks with added latency, beside
+the bridge against the same sinks.
 Figures, not pass/fail: compare them run to run on the same machine.
 """
 
@@ -26,7 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,6 +61,7 @@ from tests.support import (  # noqa: E402
     readings,
     wait_until,
 )
+from tools.profile_stages import Profile, print_table  # noqa: E402
 
 PROJECT = "bench"
 # The latency model: a round trip to Google from a site's network, and opening an AppendRows connection
@@ -381,6 +384,20 @@ def with_and_without_latency(options: argparse.Namespace, measure: Callable[...,
     return 0
 
 
+def profiling(options: argparse.Namespace, bridge: Bridge, work: Path) -> Profile | nullcontext[None]:
+    """A py-spy recording of the bridge for the measured window, with --profile; else nothing."""
+    if not options.profile:
+        return nullcontext()
+    assert bridge.process is not None
+    return Profile(bridge.process.pid, work / f"profile-{bridge.process.pid}.txt")
+
+
+def ceilings(setup: Rig, before: dict[str, float], after: dict[str, float], seconds: float) -> str:
+    """How busy each emulator was over the drain: a backend near one core (100 %) binds the rate, not the bridge."""
+    busy = {name: (after[name] - before[name]) / seconds for name in ("Pub/Sub", "bqemulator")}
+    return ", ".join(f"{name} {share:.0%} of a core" for name, share in busy.items())
+
+
 def e2e(options: argparse.Namespace) -> int:
     return with_and_without_latency(options, e2e_once)
 
@@ -401,10 +418,12 @@ def e2e_once(options: argparse.Namespace, *, latency_model: bool) -> dict[str, f
             completion = Completion(setup)
             cpu_before = machine_cpu(setup.parts(bridge))
             acked = Acknowledged(bridge, count)
+            profile = profiling(options, bridge, setup.work)
             started = time.monotonic()
             acked.start()
-            publisher = run_publisher(setup.broker.port, count, options.sites)
-            done = completion.wait(count, 900, bridge=bridge if options.bigquery == "storage_write" else None)
+            with profile:
+                publisher = run_publisher(setup.broker.port, count, options.sites)
+                done = completion.wait(count, 900, bridge=bridge if options.bigquery == "storage_write" else None)
             publisher.wait()
             cpu_after = machine_cpu(setup.parts(bridge))
             cpu = cpu_after["bridge"] - cpu_before["bridge"]
@@ -420,6 +439,8 @@ def e2e_once(options: argparse.Namespace, *, latency_model: bool) -> dict[str, f
                 print(f"  ratio to bare MQTT 5 (acked):     {acked_rate / bare5[0]:.2f}")
             print(f"  bridge CPU a reading:             {cpu / count * 1e6:.0f} µs")
             print_cpu_share(cpu_before, cpu_after, done - started)
+            if isinstance(profile, Profile):
+                print_table(profile.stacks(), cpu, count)
         finally:
             bridge.stop()
     return rates
@@ -443,11 +464,13 @@ def backlog_once(options: argparse.Namespace, *, latency_model: bool) -> dict[st
             spooling.stop()
         draining = Bridge(setup.work, setup.env).start()
         try:
+            profile = profiling(options, draining, setup.work)
             started = time.monotonic()
             cpu_before = machine_cpu(setup.parts(draining))
             acked = Acknowledged(draining, count)
             acked.start()
-            done = completion.wait(count, 3600, bridge=draining if options.bigquery == "storage_write" else None)
+            with profile:
+                done = completion.wait(count, 3600, bridge=draining if options.bigquery == "storage_write" else None)
             cpu_after = machine_cpu(setup.parts(draining))
             print(
                 f"backlog of {count:,} readings, {options.sites} sites; Pub/Sub: {options.pubsub}; {options.bigquery}"
@@ -457,6 +480,9 @@ def backlog_once(options: argparse.Namespace, *, latency_model: bool) -> dict[st
             bridge_cpu = acked.cpu_at_both - cpu_before["bridge"]
             print(f"  bridge CPU a reading (to acked):  {bridge_cpu / count * 1e6:.0f} µs")
             print_cpu_share(cpu_before, cpu_after, done - started)
+            if isinstance(profile, Profile):
+                print_table(profile.stacks(), cpu_after["bridge"] - cpu_before["bridge"], count)
+            print(f"  emulators' own ceilings: {ceilings(setup, cpu_before, cpu_after, done - started)}")
         finally:
             draining.stop()
     return rates
@@ -526,6 +552,7 @@ def main() -> int:
         mode.add_argument("--pubsub", choices=("google", "server"), default="google")
         mode.add_argument("--bigquery", choices=("storage_write", "insert_all"), default="storage_write")
         mode.add_argument("--latency-model", action="store_true", help="measure again with sinks a round trip away")
+        mode.add_argument("--profile", action="store_true", help="sample the bridge with py-spy: CPU by stage")
     mode = modes.add_parser("baseline")
     mode.add_argument("--messages", type=int, default=300)
     mode.add_argument("--latency", type=float, default=0.02)
