@@ -86,7 +86,12 @@ def run(config: Config, options: argparse.Namespace | None = None) -> int:
     )
     sink_bits = {sink.name: sink.bit for sink in sinks}
     stats = StatsReporter(
-        spool, metrics, sink_bits, interval=config.stats_log_seconds, lag_warn_seconds=config.sink_lag_warn_seconds
+        spool,
+        metrics,
+        sink_bits,
+        interval=config.stats_log_seconds,
+        lag_warn_seconds=config.sink_lag_warn_seconds,
+        site_counts=intake.take_site_counts,
     )
     metrics.watch_spool(spool.stats)
     metrics.watch_count(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from fmi_bridge.events import reading_row, reject_row
@@ -48,6 +49,8 @@ class Intake:
         self._reject_log = RateLimiter()
         self.full_reason: str | None = None
         self.heartbeat = time.monotonic()
+        self._sites: Counter[str] = Counter()  # valid readings per site since the stats line last took them
+        self._sites_lock = threading.Lock()
 
     def run(self, stop: threading.Event) -> None:
         """Until `stop` is set and the inbox is empty (the link stops reading first, so it empties)."""
@@ -78,6 +81,8 @@ class Intake:
             if not isinstance(outcome, Reject):
                 accepted = entry(READING, outcome.site_code, reading_row(outcome), key=outcome.event_id)
                 self.metrics.accepted.inc()
+                with self._sites_lock:
+                    self._sites[outcome.site_code] += 1
                 return accepted
         except Exception as exc:  # one message boundary: whatever it does, it becomes a reject, never a dead intake
             outcome = Reject(
@@ -90,6 +95,12 @@ class Intake:
         self._count_reject(outcome)
         row = reject_row(outcome)
         return entry(REJECT, None, row, key=row["reject_id"])
+
+    def take_site_counts(self) -> Counter[str]:
+        """Valid readings per site since the last call (the stats line's per-site figures)."""
+        with self._sites_lock:
+            counts, self._sites = self._sites, Counter()
+        return counts
 
     def _count_reject(self, reject: Reject) -> None:
         self.metrics.rejected.labels(reject.reason).inc()

@@ -10,7 +10,8 @@ import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any
 
 from fmi_bridge.metrics import Metrics
@@ -22,11 +23,24 @@ SAMPLE_SECONDS = 5.0
 RATE_WINDOW_SECONDS = 60.0
 
 
+SITE_LINES = 50  # per interval, the busiest sites each get a line; the rest are summed as OTHER_SITES
+OTHER_SITES = "(other sites)"
+INTERVAL_COUNTS = "counts in interval"  # the message of the per-label lines that follow each stats line
+
+
 class StatsReporter:
     def __init__(
-        self, spool: Spool, metrics: Metrics, sinks: dict[str, int], *, interval: float, lag_warn_seconds: float
+        self,
+        spool: Spool,
+        metrics: Metrics,
+        sinks: dict[str, int],
+        *,
+        interval: float,
+        lag_warn_seconds: float,
+        site_counts: Callable[[], Counter[str]] = Counter,
     ) -> None:
         self.spool = spool
+        self.site_counts = site_counts
         self.metrics = metrics
         self.sinks = sinks  # sink name -> its spool bit
         self.interval = interval
@@ -35,7 +49,8 @@ class StatsReporter:
         self._samples: deque[tuple[float, float]] = deque()  # (monotonic time, bytes spooled so far)
         self._lagging: set[str] = set()
         self._backlog: tuple[float, int] | None = None  # (since, peak records) while a backlog lasts
-        self._last_counts = {"received": 0, "rejected": 0}  # at the previous stats line
+        self._last_counts = {"received": 0, "accepted": 0, "rejected": 0}  # at the previous stats line
+        self._last_labelled: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
 
     def run(self, stop: threading.Event) -> None:
         next_line = time.monotonic() + self.interval
@@ -46,6 +61,8 @@ class StatsReporter:
             self._note_backlog()
             if time.monotonic() >= next_line:
                 log.info("stats", extra=self.summary())
+                for fields in self.interval_counts():
+                    log.info(INTERVAL_COUNTS, extra=fields)
                 next_line += self.interval
         self.heartbeat = time.monotonic()
 
@@ -112,6 +129,7 @@ class StatsReporter:
         owed = {name: self.spool.owed(bit) for name, bit in self.sinks.items()}
         counts = {
             "received": int(metrics.total("fmi_bridge_messages_received_total")),
+            "accepted": int(metrics.total("fmi_bridge_messages_accepted_total")),
             "rejected": int(metrics.total("fmi_bridge_messages_rejected_total")),
         }
         # Per line as well as since start: a log-based metric can alert on a rate only from per-line values.
@@ -119,7 +137,7 @@ class StatsReporter:
         self._last_counts = counts
         return {
             "received": counts["received"],
-            "accepted": int(metrics.total("fmi_bridge_messages_accepted_total")),
+            "accepted": counts["accepted"],
             "rejected": counts["rejected"],
             **since_last,
             "sent": {name: int(metrics.total("fmi_bridge_sink_sent_total", sink=name)) for name in self.sinks},
@@ -132,3 +150,36 @@ class StatsReporter:
             "spool_max_bytes": self.spool.max_bytes,
             "spool_seconds_to_full": None if left is None else round(left),
         }
+
+    def interval_counts(self) -> list[dict[str, Any]]:
+        """One line's fields per label value with a count since the previous stats line: rejects by reason,
+        failed sends by lane and code, readings by site. Log-based metrics chart them by label (one series per
+        reason, lane and code, site); the labels are bounded: reasons and codes are fixed sets, lanes are the
+        configuration's, and only the SITE_LINES busiest sites of an interval get a line of their own."""
+        lines = [
+            {"counts": "rejects", "reason": labels["reason"], "count": count}
+            for labels, count in self._deltas("fmi_bridge_messages_rejected_total", ("reason",))
+        ]
+        lines += [
+            {"counts": "sink failures", "lane": labels["lane"], "code": labels["code"], "count": count}
+            for labels, count in self._deltas("fmi_bridge_lane_failed_total", ("lane", "code"))
+        ]
+        sites = self.site_counts().most_common()
+        lines += [{"counts": "site readings", "site": site, "count": count} for site, count in sites[:SITE_LINES]]
+        if rest := sum(count for _, count in sites[SITE_LINES:]):
+            lines.append({"counts": "site readings", "site": OTHER_SITES, "count": rest})
+        return lines
+
+    def _deltas(self, name: str, label_names: tuple[str, ...]) -> list[tuple[dict[str, str], int]]:
+        """(labels, increase since the last call) of a labelled counter, for the label sets that grew."""
+        grown = []
+        for family in self.metrics.registry.collect():
+            for sample in family.samples:
+                if sample.name != name:
+                    continue
+                key = (name, tuple((label, sample.labels[label]) for label in label_names))
+                increase = sample.value - self._last_labelled.get(key, 0.0)
+                self._last_labelled[key] = sample.value
+                if increase > 0:
+                    grown.append((dict(key[1]), int(increase)))
+        return grown

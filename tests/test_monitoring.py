@@ -14,12 +14,13 @@ from typing import Any
 import yaml
 
 from tests.conftest import Cloud, start_bridge
-from tests.support import Bridge, Broker, cloud_sdk_python, publish, readings, wait_until
-from tools.monitoring_files import MONITORING, SERVICE, files
+from tests.support import Bridge, Broker, Published, cloud_sdk_python, publish, readings, wait_until
+from tools.monitoring_files import GOOGLE_METRICS, MONITORING, SERVICE, files
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = sorted((MONITORING / "metrics").glob("*.json"))
 POLICIES = sorted((MONITORING / "policies").glob("*.json"))
+DASHBOARDS = sorted((MONITORING / "dashboards").glob("*.json"))
 
 # Strict parse: apitools keeps fields it does not know as "unrecognized" instead of failing; they are listed.
 PARSE = """
@@ -27,7 +28,8 @@ import json, sys
 from apitools.base.py import encoding
 from googlecloudsdk.api_lib.util import apis
 types = {"metric": apis.GetMessagesModule("logging", "v2").LogMetric,
-         "policy": apis.GetMessagesModule("monitoring", "v3").AlertPolicy}
+         "policy": apis.GetMessagesModule("monitoring", "v3").AlertPolicy,
+         "dashboard": apis.GetMessagesModule("monitoring", "v1").Dashboard}
 def unknown(message, path=""):
     found = [path + name for name in message.all_unrecognized_fields()]
     for field in message.all_fields():
@@ -59,8 +61,12 @@ def test_the_files_are_what_the_generator_writes() -> None:
 
 
 def test_the_cloud_sdk_takes_every_field_of_every_file() -> None:
-    parsed = sdk_parse([("metric", path) for path in METRICS] + [("policy", path) for path in POLICIES])
-    assert set(parsed) == {path.name for path in METRICS + POLICIES}
+    parsed = sdk_parse(
+        [("metric", path) for path in METRICS]
+        + [("policy", path) for path in POLICIES]
+        + [("dashboard", path) for path in DASHBOARDS]
+    )
+    assert DASHBOARDS and set(parsed) == {path.name for path in METRICS + POLICIES + DASHBOARDS}
     for name, answer in parsed.items():
         assert answer.get("unknown") == [], f"{name}: {answer}"
 
@@ -90,24 +96,66 @@ def test_policies_read_metrics_that_exist_and_metrics_select_this_service() -> N
             assert metric_type in defined, f"{path.name} reads {metric_type}, which no file defines"
 
 
+def test_every_chart_reads_a_metric_the_files_define_or_google_documents() -> None:
+    defined = {f"logging.googleapis.com/user/{path.stem}" for path in METRICS}
+    for path in DASHBOARDS:
+        tiles = json.loads(path.read_text())["mosaicLayout"]["tiles"]
+        kinds = {next(key for key in tile["widget"] if key != "title") for tile in tiles}
+        assert {"incidentList", "logsPanel", "xyChart"} <= kinds  # the alerts' state and the lines beside charts
+        charted = set()
+        for tile in tiles:
+            for data in tile["widget"].get("xyChart", {}).get("dataSets", []):
+                (metric_type,) = re.findall(
+                    r'metric\.type="([^"]+)"', data["timeSeriesQuery"]["timeSeriesFilter"]["filter"]
+                )
+                assert metric_type in defined or metric_type in GOOGLE_METRICS, f"{path.name} charts {metric_type}"
+                charted.add(metric_type)
+        # What an operator needs in the first minute: intake, rejects by reason, what each sink owes and its
+        # oldest age, the spool's time to full, failures by code, readings by site.
+        wanted = [
+            "accepted_in_interval", "rejects_by_reason", "owed_records_pubsub", "owed_records_bigquery",
+            "oldest_owed_age_pubsub", "oldest_owed_age_bigquery", "spool_seconds_to_full", "sink_failures",
+            "site_readings",
+        ]  # fmt: skip
+        assert {f"logging.googleapis.com/user/fmi_bridge_{name}" for name in wanted} <= charted
+
+
 def test_every_field_a_metric_reads_is_in_the_stats_line(
     broker: Broker, cloud: Cloud, bridges: Callable[..., Bridge]
 ) -> None:
     bridge = start_bridge(bridges, cloud, broker, STATS_LOG_SECONDS="1")
-    publish(broker.port, readings(["S1"], 5))
+    publish(broker.port, [*readings(["S1", "S2"], 5), Published("FCTS/FAE/S1/SolvExtract/T", b"not json")])
     line = wait_until(
-        lambda: [e for e in bridge.log_entries() if e.get("message") == "stats" and e["received"] == 5], 30, "stats"
+        lambda: [e for e in bridge.log_entries() if e.get("message") == "stats" and e["received"] == 11], 30, "stats"
     )[-1]
+    counted = [e for e in bridge.log_entries() if e.get("message") == "counts in interval"]
+    by_kind = {kind: [e for e in counted if e["counts"] == kind] for kind in {e["counts"] for e in counted}}
+    assert sorted((e["site"], e["count"]) for e in by_kind["site readings"]) == [("S1", 5), ("S2", 5)]
+    assert [(e["reason"], e["count"]) for e in by_kind["rejects"]] == [("bad_json", 1)]
     for path in METRICS:
         metric = json.loads(path.read_text())
-        assert 'jsonPayload.message="stats"' in metric["filter"]
         extractor = metric.get("valueExtractor")
         if extractor is None:
+            assert 'jsonPayload.message="stats"' in metric["filter"]
             continue  # a count of stats lines
         (field,) = re.fullmatch(r"EXTRACT\(jsonPayload\.([\w.]+)\)", extractor).groups()  # type: ignore[union-attr]
+        if 'jsonPayload.message="counts in interval"' in metric["filter"]:
+            (kind,) = re.findall(r'jsonPayload\.counts="([^"]+)"', metric["filter"])
+            entries = by_kind.get(kind, [])
+            if kind == "sink failures":
+                continue  # none here: the sinks are up (fmi_bridge/stats.py writes its fields as the others')
+            fields = [key for key, source in metric["labelExtractors"].items() if "jsonPayload" in source]
+            assert entries and all(name in e for e in entries for name in fields), (path.name, entries)
+            assert all(isinstance(e[field], int) for e in entries)
+            continue
+        assert 'jsonPayload.message="stats"' in metric["filter"]
         value: Any = line
         for part in field.split("."):
             assert isinstance(value, dict) and part in value, f"{path.name}: {field} is not in the stats line"
             value = value[part]
         assert value is None or isinstance(value, int | float), f"{path.name}: {field} = {value!r}"
-    assert line["rejected_in_interval"] == 0 and line["spool_oldest_age_seconds"] >= 0
+    assert (
+        line["rejected_in_interval"] == 1
+        and line["accepted_in_interval"] == 10
+        and line["spool_oldest_age_seconds"] >= 0
+    )

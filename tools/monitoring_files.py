@@ -1,5 +1,6 @@
-"""Write deploy/monitoring/: Cloud Logging log-based metrics read from the bridge's `stats` line, and Cloud
-Monitoring alert policies on them (a test fails when the files differ from what this writes).
+"""Write deploy/monitoring/: Cloud Logging log-based metrics read from the bridge's `stats` line (and the
+per-label `counts in interval` lines after it), Cloud Monitoring alert policies on them, and a dashboard (a
+test fails when the files differ from what this writes).
 
     .venv/bin/python tools/monitoring_files.py
 
@@ -45,6 +46,39 @@ DISTRIBUTIONS: dict[str, tuple[str, str, str]] = {
         "1",
         "Messages rejected since the previous stats line (STATS_LOG_SECONDS, 60 s by default).",
     ),
+    "fmi_bridge_received_in_interval": (
+        "received_in_interval",
+        "1",
+        "MQTT messages received since the previous stats line.",
+    ),
+    "fmi_bridge_accepted_in_interval": (
+        "accepted_in_interval",
+        "1",
+        "Valid readings spooled since the previous stats line.",
+    ),
+}
+INTERVAL_LINES = (
+    f'resource.type="gae_app" AND resource.labels.module_id="{SERVICE}" '
+    'AND jsonPayload.message="counts in interval" AND jsonPayload.counts="{kind}"'
+)
+# name -> (the lines' `counts` kind, their label fields, description): one line per label value and interval.
+LABELLED: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "fmi_bridge_rejects_by_reason": ("rejects", ("reason",), "Rejects since the previous stats line, by reason."),
+    "fmi_bridge_sink_failures": (
+        "sink failures",
+        ("lane", "code"),
+        "Failed sends since the previous stats line, by lane (sink/table) and status code.",
+    ),
+    "fmi_bridge_site_readings": (
+        "site readings",
+        ("site",),
+        "Valid readings since the previous stats line, by site (the 50 busiest of the interval; the rest summed).",
+    ),
+}
+# Google's own metrics a chart shows beside the bridge's, each with where Google documents it.
+GOOGLE_METRICS = {
+    "appengine.googleapis.com/flex/cpu/utilization": "cloud.google.com/monitoring/api/metrics_gcp (App Engine)",
+    "pubsub.googleapis.com/topic/send_message_operation_count": "cloud.google.com/monitoring/api/metrics_gcp (Pub/Sub)",
 }
 
 
@@ -74,7 +108,108 @@ def log_metrics() -> dict[str, dict[str, Any]]:
             "labelExtractors": {"version": "EXTRACT(resource.labels.version_id)"},
             "bucketOptions": BUCKETS,
         }
+    for name, (kind, labels, description) in LABELLED.items():
+        metrics[name] = {
+            "name": name,
+            "description": description,
+            "filter": INTERVAL_LINES.format(kind=kind),
+            "metricDescriptor": {
+                "metricKind": "DELTA",
+                "valueType": "DISTRIBUTION",
+                "unit": "1",
+                "labels": [VERSION_LABEL, *({"key": label, "valueType": "STRING"} for label in labels)],
+            },
+            "valueExtractor": "EXTRACT(jsonPayload.count)",
+            "labelExtractors": {
+                "version": "EXTRACT(resource.labels.version_id)",
+                **{label: f"EXTRACT(jsonPayload.{label})" for label in labels},
+            },
+            "bucketOptions": BUCKETS,
+        }
     return metrics
+
+
+def _chart(
+    title: str, metric: str, *, by: tuple[str, ...] = (), aligner: str = "ALIGN_MEAN", unit: str = ""
+) -> dict[str, Any]:
+    """A line chart of one metric. The bridge's figures come once per stats line (60 s): aligned on 60 s, the
+    mean of a per-interval count is that count."""
+    metric_type = metric if "/" in metric else f"{USER_METRIC}{metric}"
+    resource = "pubsub_topic" if metric_type.startswith("pubsub.") else "gae_app"
+    aggregation: dict[str, Any] = {"alignmentPeriod": "60s", "perSeriesAligner": aligner}
+    if by:
+        aggregation |= {"crossSeriesReducer": "REDUCE_SUM", "groupByFields": [f"metric.label.{label}" for label in by]}
+    elif resource == "gae_app":
+        aggregation |= {"crossSeriesReducer": "REDUCE_MAX", "groupByFields": ["resource.label.version_id"]}
+    return {
+        "title": title,
+        "xyChart": {
+            "dataSets": [
+                {
+                    "timeSeriesQuery": {
+                        "timeSeriesFilter": {
+                            "filter": f'metric.type="{metric_type}" AND resource.type="{resource}"',
+                            "aggregation": aggregation,
+                        }
+                    },
+                    "plotType": "LINE",
+                    "minAlignmentPeriod": "60s",
+                }
+            ],
+            "yAxis": {"label": unit, "scale": "LINEAR"},
+        },
+    }
+
+
+def dashboards() -> dict[str, dict[str, Any]]:
+    """What an operator needs in the first minute of an incident, top to bottom: is it up and alerting, is data
+    coming in, is it going out, how long can it hold, what fails, which sites."""
+    widgets = [
+        {"title": "Open incidents of this project's alert policies", "incidentList": {}},
+        _chart("Readings received a minute", "fmi_bridge_received_in_interval", unit="messages"),
+        _chart("Readings accepted a minute", "fmi_bridge_accepted_in_interval", unit="readings"),
+        _chart("Rejects a minute, by reason", "fmi_bridge_rejects_by_reason", by=("reason",), unit="messages"),
+        _chart("Pub/Sub owes (records)", "fmi_bridge_owed_records_pubsub", aligner="ALIGN_PERCENTILE_99"),
+        _chart("BigQuery owes (records)", "fmi_bridge_owed_records_bigquery", aligner="ALIGN_PERCENTILE_99"),
+        _chart(
+            "Oldest reading Pub/Sub owes", "fmi_bridge_oldest_owed_age_pubsub", aligner="ALIGN_PERCENTILE_99", unit="s"
+        ),
+        _chart(
+            "Oldest record BigQuery owes",
+            "fmi_bridge_oldest_owed_age_bigquery",
+            aligner="ALIGN_PERCENTILE_99",
+            unit="s",
+        ),
+        _chart(
+            "Spool: time to full at the current intake",
+            "fmi_bridge_spool_seconds_to_full",
+            aligner="ALIGN_PERCENTILE_05",
+            unit="s",
+        ),
+        _chart(
+            "Failed sends a minute, by lane and code", "fmi_bridge_sink_failures", by=("lane", "code"), unit="sends"
+        ),
+        _chart("Readings a minute, by site", "fmi_bridge_site_readings", by=("site",), unit="readings"),
+        _chart("Stats lines a minute (0: the bridge is down)", "fmi_bridge_stats_lines", aligner="ALIGN_SUM"),
+        _chart("Instance CPU (App Engine flexible)", "appengine.googleapis.com/flex/cpu/utilization", unit="share"),
+        _chart(
+            "Messages published to the topic (Pub/Sub)",
+            "pubsub.googleapis.com/topic/send_message_operation_count",
+            aligner="ALIGN_RATE",
+            unit="per s",
+        ),
+        {
+            "title": "The bridge's WARNING and ERROR lines",
+            "logsPanel": {
+                "filter": f'resource.type="gae_app" AND resource.labels.module_id="{SERVICE}" AND severity>=WARNING'
+            },
+        },
+    ]
+    tiles = [
+        {"xPos": (index % 2) * 24, "yPos": (index // 2) * 16, "width": 24, "height": 16, "widget": widget}
+        for index, widget in enumerate(widgets)
+    ]
+    return {SERVICE: {"displayName": SERVICE, "mosaicLayout": {"columns": 48, "tiles": tiles}}}
 
 
 def _above(name: str, display: str, threshold: float, *, below: bool = False, percentile: str = "99") -> dict[str, Any]:
@@ -164,6 +299,7 @@ def files() -> dict[Path, str]:
     """Every file under deploy/monitoring/, path -> text."""
     out = {MONITORING / "metrics" / f"{name}.json": body for name, body in _texts(log_metrics()).items()}
     out.update({MONITORING / "policies" / f"{name}.json": body for name, body in _texts(alert_policies()).items()})
+    out.update({MONITORING / "dashboards" / f"{name}.json": body for name, body in _texts(dashboards()).items()})
     return out
 
 
