@@ -188,6 +188,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("GCP_PROJECT_ID", "Google Cloud project of the topic and dataset (required outside LOCAL)."),
     Setting("PUBSUB_TOPIC", "Pub/Sub topic id for KPI events (required outside LOCAL)."),
+    Setting(
+        "PUBSUB_SCHEMA",
+        "Pub/Sub schema id of the KPI event (Avro, schemas/kpi_event.avsc), which `provision` creates and puts on "
+        "a new topic, and `check-config` compares with the topic's.",
+        "fmi-kpi-event",
+    ),
     Setting("BIGQUERY_DATASET", "BigQuery dataset id (required outside LOCAL)."),
     Setting("BIGQUERY_TABLE", "BigQuery table id for valid readings (required outside LOCAL)."),
     Setting(
@@ -415,6 +421,7 @@ class Config:
     app_env: str
     gcp_project_id: str | None
     pubsub_topic: str | None
+    pubsub_schema: str
     bigquery_dataset: str | None
     bigquery_table: str | None
     bigquery_rejects_table: str | None

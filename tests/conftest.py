@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fmi_bridge.commands.provision import provision
 from fmi_bridge.config import Config
-from tests.sinks.bigquery_write_conformance import WriteApiConformance, table_info_from
+from tests.sinks.bigquery_write_conformance import EMULATOR_LOCK, WriteApiConformance, table_info_from
 from tests.sinks.pubsub_conformance import PubSubConformanceLayer
 from tests.sinks.pubsub_server import Faults, PubSubServer
 from tests.support import (
@@ -217,7 +217,8 @@ def make_cloud(pubsub_endpoint: PubSubEndpoint, bigquery: BigQueryEmulator) -> C
     """A fresh topic, subscription, dataset and tables, provisioned by the bridge's own code."""
     env = cloud_env(pubsub_endpoint, bigquery)
     config = Config.from_env(env)
-    provision(config)
+    with EMULATOR_LOCK:  # bqemulator can deadlock on a REST call that meets an append still being forwarded
+        provision(config)
     topic, dataset = env["PUBSUB_TOPIC"], env["BIGQUERY_DATASET"]
     reader = PubSubReader(pubsub_endpoint.host, PROJECT, topic, f"test-sub-{topic}")
     tables = f"{PROJECT}.{dataset}.readings", f"{PROJECT}.{dataset}.readings_rejected"

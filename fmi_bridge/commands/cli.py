@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from google.api_core.exceptions import GoogleAPIError, NotFound
 from google.auth.exceptions import DefaultCredentialsError
@@ -33,7 +34,7 @@ from google.auth.exceptions import DefaultCredentialsError
 from fmi_bridge import cloud
 from fmi_bridge.assembly import open_spool, write_stream_keys
 from fmi_bridge.commands import reach, spool_admin
-from fmi_bridge.commands.provision import SUBSCRIPTION_NAME, ProvisionError, provision
+from fmi_bridge.commands.provision import SUBSCRIPTION_NAME, ProvisionError, provision, schema_state
 from fmi_bridge.commands.replay import REPLAYABLE_REASONS, replay
 from fmi_bridge.config import SETTINGS, Config, ConfigError
 from fmi_bridge.spool import SpoolError
@@ -162,7 +163,13 @@ def check_config(config: Config, options: argparse.Namespace) -> int:
         print(json.dumps(described, indent=2))
         return 0
     answered, failed = reach.check(config, config.setup_timeout_seconds)
-    print(json.dumps({**described, "endpoints": answered}, indent=2))
+    report: dict[str, Any] = {**described, "endpoints": answered}
+    if config.pubsub_enabled and not failed:
+        try:
+            report["topic_schema"] = schema_state(config, cloud.publisher_client(config))
+        except GoogleAPIError as exc:  # a missing topic, a missing grant: said, not fatal (provision makes it)
+            report["topic_schema"] = f"unknown: {type(exc).__name__}: {str(exc)[:200]}"
+    print(json.dumps(report, indent=2))
     if failed:
         print(f"check-config: not answering: {'; '.join(failed)}", file=sys.stderr)
         return EXIT_FAULT

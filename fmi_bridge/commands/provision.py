@@ -16,7 +16,7 @@ from typing import Any
 from google.api_core import exceptions as api_exceptions
 from google.cloud.bigquery import DEFAULT_RETRY, Dataset, SchemaField, Table
 
-from fmi_bridge import APP_DIR, cloud
+from fmi_bridge import APP_DIR, cloud, topic_schema
 from fmi_bridge.config import Config
 
 SCHEMAS = APP_DIR / "schemas"
@@ -79,12 +79,57 @@ def _answering(service: str, emulator: str | None, variable: str) -> Iterator[No
 
 
 def _provision_pubsub(config: Config, publisher: Any) -> list[str]:
+    """The KPI event's schema, then the topic with it. An existing topic is never changed: what it has is said,
+    and how to give it this release's schema."""
+    done = _provision_schema(config, topic_schema.schema_client(config))
     path = cloud.topic_path(config)
+    timeout = config.setup_timeout_seconds
     try:
-        publisher.create_topic(name=path, retry=None, timeout=config.setup_timeout_seconds)
+        publisher.create_topic(
+            request={"name": path, "schema_settings": topic_schema.settings(config)}, retry=None, timeout=timeout
+        )
     except api_exceptions.AlreadyExists:
-        return [f"topic {path} exists"]
-    return [f"created topic {path}"]
+        return [*done, f"topic {path} exists; {schema_state(config, publisher)}"]
+    return [*done, f"created topic {path} with schema {topic_schema.schema_path(config)} (JSON encoding)"]
+
+
+def _provision_schema(config: Config, schemas: Any) -> list[str]:
+    path = topic_schema.schema_path(config)
+    try:
+        schemas.create_schema(
+            parent=f"projects/{config.gcp_project_id}",
+            schema=topic_schema.avro_schema(),
+            schema_id=config.pubsub_schema,
+            retry=None,
+            timeout=config.setup_timeout_seconds,
+        )
+    except api_exceptions.AlreadyExists:
+        existing = schemas.get_schema(name=path, retry=None, timeout=config.setup_timeout_seconds)
+        if topic_schema.same_shape(existing.definition, topic_schema.definition()):
+            return [f"schema {path} exists, as this release's"]
+        return [
+            f"schema {path} exists with other fields; left as it is: commit this release's as a revision "
+            f"(gcloud pubsub schemas commit {config.pubsub_schema} --type=avro "
+            "--definition-file=schemas/kpi_event.avsc) once consumers take it"
+        ]
+    return [f"created schema {path} (Avro, schemas/kpi_event.avsc)"]
+
+
+def schema_state(config: Config, publisher: Any) -> str:
+    """The topic's schema against this release's, in one phrase (check-config and provision say it)."""
+    topic = publisher.get_topic(topic=cloud.topic_path(config), retry=None, timeout=config.setup_timeout_seconds)
+    wanted = topic_schema.schema_path(config)
+    attach = (
+        f"to give it this release's: gcloud pubsub topics update {config.pubsub_topic} --schema={wanted} "
+        "--message-encoding=json"
+    )
+    if not topic.schema_settings.schema:
+        return f"it has no schema, so Pub/Sub checks no message; left as it is ({attach})"
+    if topic.schema_settings.schema != wanted:
+        return f"its schema is {topic.schema_settings.schema}, not {wanted}; left as it is ({attach})"
+    if topic.schema_settings.encoding != topic_schema.JSON:
+        return f"its schema {wanted} is set with {topic.schema_settings.encoding.name} encoding, not JSON ({attach})"
+    return f"its schema is this release's {wanted} (JSON encoding)"
 
 
 def _provision_subscription(config: Config, subscriber: Any, name: str) -> list[str]:

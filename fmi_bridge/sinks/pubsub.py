@@ -56,9 +56,11 @@ OPERATOR_ACTIONS = {
     "PUBSUB_DEADLETTER_ATTEMPTS refusals while the topic takes other messages",
 }
 TOPIC_REFUSES_ACTION = (
-    "the topic refuses every message, so the cause is the topic, not the readings (e.g. a schema attached to it "
-    "that the KPI events do not match: `python mqtt_subscriber.py check-config` compares it); the readings wait "
-    "in the spool, in order, and go once the topic takes them"
+    "the topic refuses every message, so the cause is the topic, not the readings: usually a schema on it that "
+    "this release's KPI events do not match (`python mqtt_subscriber.py check-config` compares it); commit "
+    "schemas/kpi_event.avsc as a revision of that schema (gcloud pubsub schemas commit), or point the topic at "
+    "this release's (gcloud pubsub topics update --schema); the readings wait in the spool, in order, and go "
+    "once the topic takes them"
 )
 _Message = types.PubsubMessage.pb()
 _Request = types.PublishRequest.pb()

@@ -24,7 +24,7 @@ from google.pubsub_v1 import types
 QUOTAS = "https://cloud.google.com/pubsub/quotas#resource_limits"
 _Request = types.PublishRequest.pb()
 STREAMING = {"StreamingPull"}  # the only streaming methods of the Publisher and Subscriber services
-SERVICES = ("google.pubsub.v1.Publisher", "google.pubsub.v1.Subscriber")
+SERVICES = ("google.pubsub.v1.Publisher", "google.pubsub.v1.Subscriber", "google.pubsub.v1.SchemaService")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from google.pubsub_v1 import types
 PublishRequest = types.PublishRequest.pb()
 PublishResponse = types.PublishResponse.pb()
 Topic = types.Topic.pb()
+Schema = types.Schema.pb()
 Subscription = types.Subscription.pb()
 PullRequest = types.PullRequest.pb()
 PullResponse = types.PullResponse.pb()
@@ -59,7 +60,8 @@ class _Subscription:
 class PubSubState:
     def __init__(self) -> None:
         self.lock = threading.Condition()
-        self.topics: set[str] = set()
+        self.topics: dict[str, Any] = {}  # name -> the Topic as created (its schema settings kept)
+        self.schemas: dict[str, Any] = {}  # name -> Schema: kept and returned, not enforced (Google's emulator does)
         self.subscriptions: dict[str, _Subscription] = {}
         self.faults = Faults()
         self._ids = itertools.count(1)
@@ -70,14 +72,31 @@ class PubSubState:
         with self.lock:
             if request.name in self.topics:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"Topic already exists: {request.name}")
-            self.topics.add(request.name)
-        return Topic(name=request.name)
+            self.topics[request.name] = request
+        return request
 
     def get_topic(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self.lock:
             if request.topic not in self.topics:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"Topic not found: {request.topic}")
-        return Topic(name=request.topic)
+            return self.topics[request.topic]
+
+    # -- SchemaService --------------------------------------------------------------------------------
+
+    def create_schema(self, request: Any, context: grpc.ServicerContext) -> Any:
+        name = f"{request.parent}/schemas/{request.schema_id}"
+        with self.lock:
+            if name in self.schemas:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"Schema already exists: {name}")
+            schema = Schema(name=name, type_=request.schema.type_, definition=request.schema.definition)
+            self.schemas[name] = schema
+        return schema
+
+    def get_schema(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self.lock:
+            if request.name not in self.schemas:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"Schema not found: {request.name}")
+            return self.schemas[request.name]
 
     def publish(self, request: Any, context: grpc.ServicerContext) -> Any:
         faults = self.faults
@@ -185,6 +204,13 @@ class PubSubServer:
                         "CreateTopic": unary(s.create_topic, Topic),
                         "GetTopic": unary(s.get_topic, types.GetTopicRequest.pb()),
                         "Publish": unary(s.publish, PublishRequest),
+                    },
+                ),
+                grpc.method_handlers_generic_handler(
+                    "google.pubsub.v1.SchemaService",
+                    {
+                        "CreateSchema": unary(s.create_schema, types.CreateSchemaRequest.pb()),
+                        "GetSchema": unary(s.get_schema, types.GetSchemaRequest.pb()),
                     },
                 ),
                 grpc.method_handlers_generic_handler(
