@@ -440,7 +440,7 @@ def e2e_once(options: argparse.Namespace, *, latency_model: bool) -> dict[str, f
             print(f"  bridge CPU a reading:             {cpu / count * 1e6:.0f} µs")
             print_cpu_share(cpu_before, cpu_after, done - started)
             if isinstance(profile, Profile):
-                print_table(profile.stacks(), cpu, count)
+                print_table(profile, count)
         finally:
             bridge.stop()
     return rates
@@ -481,7 +481,7 @@ def backlog_once(options: argparse.Namespace, *, latency_model: bool) -> dict[st
             print(f"  bridge CPU a reading (to acked):  {bridge_cpu / count * 1e6:.0f} µs")
             print_cpu_share(cpu_before, cpu_after, done - started)
             if isinstance(profile, Profile):
-                print_table(profile.stacks(), cpu_after["bridge"] - cpu_before["bridge"], count)
+                print_table(profile, count)
             print(f"  emulators' own ceilings: {ceilings(setup, cpu_before, cpu_after, done - started)}")
         finally:
             draining.stop()

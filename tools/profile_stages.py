@@ -4,8 +4,10 @@ the process from outside, so the bridge runs unchanged).
     with Profile(pid, out) as profile: ...      # py-spy record --nonblocking --threads, 200 Hz
     print_table(profile.stacks(), cpu_seconds, readings)
 
-py-spy samples only threads that are running (idle ones are left out unless --idle), so a stage's share of the
-samples is its share of the bridge's CPU; times the CPU per reading measured from /proc, µs per reading.
+CPU is measured per thread, exactly, from /proc/<pid>/task/<tid>/stat over the recording; py-spy's samples say
+where in each thread it went. (Its samples alone mislead: threads waiting for the GIL count as running, so they
+came to four times the process's CPU; with --gil it reports the last holder of a released GIL, idle time too.)
+A stage's µs a reading is the sum over threads of the thread's CPU times the stage's share of its samples.
 
 A sample belongs to the first frame, from the innermost outwards, that a rule names: a SQL statement run by
 `Spool.settle` is "spool: settle", a JSON encoding inside `kpi_message` is "build the entry", a gRPC call under
@@ -15,6 +17,7 @@ rule names fall to the thread's own stage.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -93,6 +96,7 @@ class Profile:
         self._process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Profile:
+        self.cpu_before = thread_cpu(self.pid)
         command = [py_spy(), "record", "-p", str(self.pid), "-r", str(SAMPLE_HZ), "--nonblocking", "--threads"]
         command += ["-f", "raw", "-o", str(self.out)]
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -100,23 +104,39 @@ class Profile:
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         assert self._process is not None
+        after = thread_cpu(self.pid)
+        self.cpu = {tid: seconds - self.cpu_before.get(tid, 0.0) for tid, seconds in after.items()}
         self._process.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
         try:
             self._process.wait(60)
         except subprocess.TimeoutExpired:
             self._process.kill()
 
-    def stacks(self) -> Counter[tuple[str, tuple[str, ...]]]:
-        """(thread name, frames from the outermost) -> samples."""
-        stacks: Counter[tuple[str, tuple[str, ...]]] = Counter()
+    def stacks(self) -> Counter[tuple[int, str, tuple[str, ...]]]:
+        """(thread id, thread name, frames from the outermost) -> samples."""
+        stacks: Counter[tuple[int, str, tuple[str, ...]]] = Counter()
         if not self.out.exists():
             return stacks
         for line in self.out.read_text(errors="replace").splitlines():
             path, _, count = line.rpartition(" ")
             first, *frames = path.split(";")  # "thread (TID): name" (or no name), then the frames
+            tid = int(re.search(r"\((\d+)\)", first)[1]) if re.search(r"\((\d+)\)", first) else 0  # type: ignore[index]
             thread = first.split(": ", 1)[1] if ": " in first else "unnamed"
-            stacks[(thread, tuple(frames))] += int(count)
+            stacks[(tid, thread, tuple(frames))] += int(count)
         return stacks
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) each thread of the process has used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used: dict[int, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        used[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (proc(5), after the name)
+    return used
 
 
 def stage_of(thread: str, frames: Iterable[str]) -> str:
@@ -134,25 +154,35 @@ def stage_of(thread: str, frames: Iterable[str]) -> str:
     return "other (the main thread, garbage collection, …)"
 
 
-def stage_table(stacks: Counter[tuple[str, tuple[str, ...]]]) -> Counter[str]:
-    by_stage: Counter[str] = Counter()
-    for (thread, frames), samples in stacks.items():
-        by_stage[stage_of(thread, frames)] += samples
-    return by_stage
+def stage_table(stacks: Counter[tuple[int, str, tuple[str, ...]]], cpu: dict[int, float]) -> Counter[str]:
+    """CPU seconds by stage: each thread's CPU split by where its samples fell."""
+    by_thread: Counter[int] = Counter()
+    for (tid, _, _), samples in stacks.items():
+        by_thread[tid] += samples
+    seconds: Counter[str] = Counter()
+    for (tid, thread, frames), samples in stacks.items():
+        seconds[stage_of(thread, frames)] += cpu.get(tid, 0.0) * samples / by_thread[tid]  # type: ignore[assignment]
+    unsampled = sum(used for tid, used in cpu.items() if tid not in by_thread)
+    if unsampled:
+        seconds["threads py-spy never saw running (gRPC's own, …)"] += unsampled  # type: ignore[assignment]
+    return seconds
 
 
-def print_table(stacks: Counter[tuple[str, tuple[str, ...]]], cpu_seconds: float, readings: int) -> None:
-    """Each stage's share of the samples, and its µs of CPU a reading; then the same by thread."""
-    total = sum(stacks.values())
-    if not total:
+def print_table(profile: Profile, readings: int) -> None:
+    """CPU µs a reading by stage, and by thread."""
+    stacks, cpu = profile.stacks(), profile.cpu
+    total = sum(cpu.values())
+    if not stacks or not total:
         print("  profile: no samples (py-spy could not read the process?)")
         return
-    per_reading = cpu_seconds / readings * 1e6
-    print(f"  profile: {total:,} samples at {SAMPLE_HZ} Hz; bridge CPU {per_reading:.0f} µs a reading, by stage:")
-    for stage, samples in stage_table(stacks).most_common():
-        print(f"    {stage:<44}{samples / total:6.1%}  {samples / total * per_reading:6.1f} µs")
+    print(
+        f"  profile: {sum(stacks.values()):,} samples at {SAMPLE_HZ} Hz; {total / readings * 1e6:.0f} µs CPU a reading"
+    )
+    for stage, seconds in stage_table(stacks, cpu).most_common():
+        print(f"    {stage:<48}{seconds / total:6.1%}  {seconds / readings * 1e6:6.1f} µs")
+    names = {tid: re.sub(r"-\d+(_\d+)?$", "", thread) for tid, thread, _ in stacks}
     threads: Counter[str] = Counter()
-    for (thread, _), samples in stacks.items():
-        threads[re.sub(r"-\d+$", "", thread)] += samples
-    shares = ", ".join(f"{name} {samples / total:.0%}" for name, samples in threads.most_common(8))
-    print(f"  by thread: {shares}")
+    for tid, used in cpu.items():
+        threads[names.get(tid, "other threads")] += used  # type: ignore[assignment]
+    shares = ", ".join(f"{name} {used / readings * 1e6:.0f} µs" for name, used in threads.most_common(8))
+    print(f"  by thread (CPU a reading): {shares}")
