@@ -76,13 +76,16 @@ def test_provision_creates_the_schema_and_a_topic_with_it_and_check_config_says_
     google: PubSubEndpoint, bigquery: BigQueryEmulator, broker: Broker
 ) -> None:
     env = cloud_env(google, bigquery)
+    env["PUBSUB_SCHEMA"] = f"kpi-event-{env['PUBSUB_TOPIC']}"  # one of its own: the emulator is the session's
     config = Config.from_env(env)
-    done = provision(config)
-    assert f"created schema projects/{PROJECT}/schemas/fmi-kpi-event (Avro, schemas/kpi_event.avsc)" in done
+    with EMULATOR_LOCK:
+        done = provision(config)
+    assert f"created schema projects/{PROJECT}/schemas/{env['PUBSUB_SCHEMA']} (Avro, schemas/kpi_event.avsc)" in done
     topic = cloud_clients.publisher_client(config).get_topic(topic=cloud_clients.topic_path(config))
     assert topic.schema_settings.schema == topic_schema.schema_path(config)
     assert topic.schema_settings.encoding == Encoding.JSON
-    again = provision(config)
+    with EMULATOR_LOCK:
+        again = provision(config)
     assert any(line.endswith("exists, as this release's") for line in again)
     assert (
         check_config(env, broker)["topic_schema"]
@@ -97,7 +100,9 @@ def test_an_existing_topic_without_a_schema_is_left_as_it_is_and_named(
     config = Config.from_env(env)
     publisher = cloud_clients.publisher_client(config)
     publisher.create_topic(name=cloud_clients.topic_path(config))
-    (line,) = [line for line in provision(config) if line.startswith("topic ")]
+    with EMULATOR_LOCK:
+        done = provision(config)
+    (line,) = [line for line in done if line.startswith("topic ")]
     assert "it has no schema" in line and "left as it is" in line and "gcloud pubsub topics update" in line
     assert not publisher.get_topic(topic=cloud_clients.topic_path(config)).schema_settings.schema  # unchanged
     assert "it has no schema" in check_config(env, broker)["topic_schema"]
@@ -178,7 +183,7 @@ def test_a_topic_whose_schema_the_events_do_not_match_holds_the_lanes_until_it_i
         ]
 
     wait_until(refusing, 60, "the topic-wide refusal named")
-    time.sleep(10)  # refused again and again meanwhile
+    time.sleep(3)  # refused again and again meanwhile
     assert len(refusing()) == 1 and "Could not parse message" in refusing()[0]["error"]
     assert "schema" in refusing()[0]["action"]
     assert bridge.metric("fmi_bridge_sink_dead_lettered_total") == 0
