@@ -110,9 +110,11 @@ def run(config: Config, options: argparse.Namespace | None = None) -> int:
         loops.add(f"sender-{sender.sink.lane}", sender)
     loops.add("stats", stats)
     checks = {"/liveness_check": loops.liveness, "/readiness_check": lambda: readiness(link, intake, spool)}
+    loops.start()
+    # Answered from here on: probes that came while the spool opened waited in the listen backlog, and a loop
+    # not yet started would have read as a dead one.
     health.start(checks)
     operators.start(checks)
-    loops.start()
     log.info(
         "running",
         extra={"health_port": health.port, "metrics_port": operators.port, "sinks": [sink.lane for sink in sinks]},
