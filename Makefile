@@ -15,7 +15,7 @@ run: system-packages $(VENV)/.runtime
 ## faults) and the BigQuery emulator, then the container built and run
 test: setup
 	$(MAKE) --no-print-directory lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 	$(MAKE) --no-print-directory container-test
 
 ## container-test: build the Dockerfile with buildah on a stand-in base image, run it with podman (LOCAL and PRD)
