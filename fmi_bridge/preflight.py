@@ -19,25 +19,15 @@ class UnusableError(Exception):
     """The environment cannot serve a setting; the message names the variable and why."""
 
 
-def bind(variable: str, host: str, port: int) -> socket.socket:
-    """A listening-ready socket on host:port, or UnusableError naming the variable, the port and its holder."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server and Mosquitto bind
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise UnusableError(describe(variable, host, port, exc)) from None
-    return sock
-
-
 def port_problem(variable: str, host: str, port: int) -> str | None:
     """None when host:port can be listened on now, else the line that says why not."""
-    try:
-        bind(variable, host, port).close()
-    except UnusableError as exc:
-        return str(exc)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server and Mosquitto bind
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return describe(variable, host, port, exc)
     return None
 
 

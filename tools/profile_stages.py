@@ -120,7 +120,8 @@ class Profile:
         for line in self.out.read_text(errors="replace").splitlines():
             path, _, count = line.rpartition(" ")
             first, *frames = path.split(";")  # "thread (TID): name" (or no name), then the frames
-            tid = int(re.search(r"\((\d+)\)", first)[1]) if re.search(r"\((\d+)\)", first) else 0  # type: ignore[index]
+            found = re.search(r"\((\d+)\)", first)
+            tid = int(found[1]) if found else 0
             thread = first.split(": ", 1)[1] if ": " in first else "unnamed"
             stacks[(tid, thread, tuple(frames))] += int(count)
         return stacks

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -219,7 +220,7 @@ class StorageWriteSink(Sink):
                 extra={"lane": self.lane, "landed": len(landed), "written_again": len(in_flight) - len(landed)},
             )
 
-    def _new_stream(self, spool: Spool, why: str, landed: list[int] | None = None) -> None:
+    def _new_stream(self, spool: Spool, why: str, landed: Sequence[int] = ()) -> None:
         try:
             stream = self.client.create_write_stream(
                 parent=self._parent,
@@ -231,7 +232,7 @@ class StorageWriteSink(Sink):
             raise missing(f"BigQuery table {self.destination.table}") from exc
         self._connection.close()  # a connection is opened for one stream: the next append opens one for the new
         now = time.time()
-        spool.start_write_stream(self._stream_key, stream, self.bit, self.destination.kind, now, landed=landed or ())
+        spool.start_write_stream(self._stream_key, stream, self.bit, self.destination.kind, now, landed=landed)
         self._stream, self._used_at, self._used_saved = str(stream), now, now
         log.info("opened a BigQuery write stream", extra={"lane": self.lane, "stream": stream, "why": why})
 
