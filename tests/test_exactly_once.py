@@ -182,7 +182,11 @@ def test_readings_delivered_again_by_the_broker_or_the_publisher_are_one_row_eac
             broker.start()
         else:
             duplicates += bridge.metric("fmi_bridge_duplicates_total")
-            bridge.kill()
+            layer = write_layer(kept_bigquery)
+            wait_until(
+                lambda layer=layer: layer.landed_unanswered > 0, 30, "an append landed and not yet answered", 0.01
+            )
+            bridge.kill()  # with it in flight: its records are on the stream, unsettled in the spool
             with EMULATOR_LOCK:  # not mid-query: the suite's queries take it too
                 kept_bigquery.stop()
             kept_bigquery.start()

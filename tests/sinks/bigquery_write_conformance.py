@@ -81,6 +81,7 @@ class WriteApiConformance:
     # The way back: an append is in the table this long before its answer leaves (a bridge killed meanwhile
     # leaves records that landed and were never settled).
     answer_delay_seconds: float = 0.0
+    landed_unanswered: int = 0  # appends the emulator took whose answers the layer still holds (answer delay)
     connect_seconds: float = 0.0  # latency model: what opening an AppendRows connection costs
     silent: threading.Event = field(default_factory=threading.Event)  # fault: while set, appends get no answer
     refusals: list[tuple[str, str]] = field(default_factory=list)  # (rule, detail)
@@ -179,8 +180,15 @@ class WriteApiConformance:
             if any(not _Response.FromString(answer).HasField("error") for answer in answers):
                 with self._lock:
                     self._used[stream] = time.monotonic()
-            time.sleep(self.answer_delay_seconds)
-            yield from answers
+            took = not any(_Response.FromString(answer).HasField("error") for answer in answers)
+            with self._lock:
+                self.landed_unanswered += took
+            try:
+                time.sleep(self.answer_delay_seconds)
+                yield from answers
+            finally:
+                with self._lock:
+                    self.landed_unanswered -= took
 
     def _refuse(self, rule: str, detail: str, response: Any) -> Any:
         with self._lock:
