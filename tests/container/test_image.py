@@ -31,8 +31,12 @@ READING = '{"site_code": "MOR", "sensor_id": "FT-101", "timestamp": "2026-11-20T
 def sh(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+        raise failed(args, result)
     return result
+
+
+def failed(args: tuple[str, ...], result: subprocess.CompletedProcess[str]) -> AssertionError:
+    return AssertionError(f"{' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +51,21 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pip_conf = tmp_path_factory.mktemp("build") / "pip.conf"
     pip_conf.write_text("[global]\ncert = /etc/ssl/host-ca.crt\n")
     started = time.monotonic()
-    sh(
+    build = (
         "buildah", "bud", "--isolation", "chroot", "--pull=never", "--network", "host", "--format", "docker",
         "-v", "/etc/ssl/certs/ca-certificates.crt:/etc/ssl/host-ca.crt:ro", "-v", f"{pip_conf}:/etc/pip.conf:ro",
         "-t", IMAGE, str(ROOT),
-        timeout=900,
     )  # fmt: skip
+    for attempt in range(3):
+        result = sh(*build, timeout=900, check=False)
+        # buildah re-executes itself from a sealed memfd copy (containers/storage pkg/unshare); the kernel may refuse
+        # the seal with EBUSY while the freshly written pages still hold a transient reference. That is the machine,
+        # not the Dockerfile: build again, at most twice (seen once in a clean-clone run).
+        if result.returncode == 0 or "sealing memfd copy" not in result.stdout + result.stderr or attempt == 2:
+            break
+        print(f"\nbuildah's re-exec copy could not be sealed (EBUSY), building again ({attempt + 2} of 3)")
+    if result.returncode != 0:
+        raise failed(build, result)
     size = int(sh("podman", "image", "inspect", "--format", "{{.Size}}", IMAGE).stdout.strip())
     print(f"\nimage {IMAGE}: built in {time.monotonic() - started:.0f} s, {size / 1e6:.0f} MB")
     yield IMAGE
