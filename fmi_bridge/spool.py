@@ -594,18 +594,23 @@ class Spool:
     def _clear(self, conn: sqlite3.Connection, bit: int, ids: list[int]) -> tuple[list[Any], list[Any]]:
         """The sink's bit cleared on these records, and those no sink owes any more deleted: (cleared sizes,
         removed sizes), for the counts once the transaction commits."""
+        if not ids:
+            return [], []
+        chosen = json.dumps(ids)
+        # Records only this sink still owed go at once: updating them first rewrote each row and its indexes
+        # just before deleting it.
+        removed = conn.execute(
+            f"DELETE FROM records WHERE pending = {int(bit)} AND id IN (SELECT value FROM json_each(?)) RETURNING size",
+            (chosen,),
+        ).fetchall()
         # A sink that gives offsets is done with them once it has settled the record.
         offset = "NULL" if bit & self.offset_bits else "write_offset"
-        cleared = conn.execute(
+        kept = conn.execute(
             f"UPDATE records SET pending = pending & ~{int(bit)}, write_offset = {offset} "
             f"WHERE pending & {int(bit)} AND id IN (SELECT value FROM json_each(?)) RETURNING size",
-            (json.dumps(ids),),
+            (chosen,),
         ).fetchall()
-        removed = conn.execute(
-            "DELETE FROM records WHERE pending = 0 AND id IN (SELECT value FROM json_each(?)) RETURNING size",
-            (json.dumps(ids),),
-        ).fetchall()
-        return cleared, removed
+        return removed + kept, removed
 
     def _count_cleared(
         self,
@@ -702,9 +707,11 @@ class Spool:
         try:
             with self._bookkeeping("giving stream offsets") as conn:
                 (first,) = conn.execute("SELECT next_offset FROM write_streams WHERE lane = ?", (lane,)).fetchone()
-                conn.executemany(
-                    "UPDATE records SET write_offset = ? WHERE id = ?",
-                    [(first + index, record.id) for index, record in enumerate(batch)],
+                # One statement for the batch: the id's place in the JSON array (its key) is its offset from `first`.
+                conn.execute(
+                    "UPDATE records SET write_offset = ? + given.key FROM json_each(?) AS given "
+                    "WHERE records.id = given.value",
+                    (first, json.dumps([record.id for record in batch])),
                 )
                 conn.execute("UPDATE write_streams SET next_offset = ? WHERE lane = ?", (first + len(batch), lane))
         finally:

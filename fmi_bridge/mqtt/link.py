@@ -34,6 +34,7 @@ from fmi_bridge.config import Config
 from fmi_bridge.logs import RateLimiter
 from fmi_bridge.metrics import Metrics
 from fmi_bridge.mqtt import publish_decoder
+from fmi_bridge.mqtt.buffered_client import BufferedClient
 from fmi_bridge.mqtt.inbox import Inbox
 from fmi_bridge.readings import Inbound
 
@@ -48,6 +49,7 @@ FLAPPING_LOSSES = 3  # connections lost within a minute before each loss is a WA
 LOSS_WINDOW_SECONDS = 60.0
 SESSION_TAKEN_OVER = 0x8E  # MQTT 5.0, 3.14.2.1: "Another Connection using the same ClientID has connected"
 CONNECTION_CLOSED = 0x80  # what paho reports for a connection the peer closed without a DISCONNECT packet
+PACKETS_PER_TURN = 200  # packets parsed from the read buffer before the loop sends PUBACKs and keepalive again
 
 
 class MqttLink:
@@ -75,7 +77,7 @@ class MqttLink:
         self._wake_w.setblocking(False)
         self.heartbeat = time.monotonic()
         self._backoff = Backoff(initial=1.0, maximum=60.0)
-        self.client = mqtt.Client(
+        self.client = BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=config.mqtt_client_id,
             protocol=mqtt.MQTTv5,
@@ -155,7 +157,7 @@ class MqttLink:
         sock = self.client.socket()
         if sock is None:
             return int(mqtt.MQTT_ERR_NO_CONN)
-        buffered = sock.pending() if self.reading and isinstance(sock, ssl.SSLSocket) else 0
+        buffered = self.reading and (self.client.buffered() or (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0))
         readable, writable, _ = select.select(
             [self._wake_r, sock] if self.reading else [self._wake_r],
             [sock] if self.client.want_write() else [],
@@ -165,9 +167,12 @@ class MqttLink:
         if self._wake_r in readable:
             self._drain_wakeups()
         if sock in readable or buffered:
-            rc = self.client.loop_read()
-            if rc != mqtt.MQTT_ERR_SUCCESS:
-                return int(rc)
+            for _ in range(PACKETS_PER_TURN):
+                rc = self.client.loop_read()
+                if rc != mqtt.MQTT_ERR_SUCCESS:
+                    return int(rc)
+                if not self.client.buffered():
+                    break
         if writable or self.client.want_write():
             rc = self.client.loop_write()
             if rc != mqtt.MQTT_ERR_SUCCESS:

@@ -4,6 +4,7 @@ against a spool that takes nothing leaves the bridge's memory bounded (the broke
 from __future__ import annotations
 
 import getpass
+import json
 import sqlite3
 import subprocess
 import time
@@ -322,3 +323,56 @@ def test_two_bridges_with_one_client_id_each_say_so(broker: Broker, tmp_path: Pa
     finally:
         for bridge in pair:
             bridge.stop()
+
+
+def test_a_burst_the_broker_sends_at_once_is_taken_without_waiting_for_more_traffic(
+    broker: Broker, bridges: Callable[..., Bridge]
+) -> None:
+    # The link reads the socket in 64 KiB blocks and parses a bounded number of packets a turn; the packets left
+    # in the block are invisible to select(). Queued while the bridge is away, 3,000 readings come as one burst of
+    # Receive Maximum (1,000) on the resumed session, several turns' worth a block; then nothing else arrives.
+    bridge = subscribed_local_bridge(broker, bridges)
+    assert bridge.terminate() == 0
+    sent = readings(["MOR", "BAG", "CHU"], 1000)
+    publish(broker.port, sent)
+
+    bridge.start()
+    wait_until(lambda: bridge.metric("fmi_bridge_mqtt_connects_total") == 1, 30, "the session resumed")
+    connected = time.monotonic()
+    # A loop that waited on select() with packets left in the block stalled until the next bytes came, which
+    # with nothing more published is the next keepalive: this wait ran out (seen before the loop asked).
+    wait_until(lambda: bridge.metric("fmi_bridge_messages_accepted_total") == len(sent), 30, "every reading taken")
+    print(
+        f"\nburst of {len(sent)} queued readings taken {time.monotonic() - connected:.2f} s after the session resumed"
+    )
+    assert bridge.metric("fmi_bridge_mqtt_disconnects_total") == 0
+
+
+def test_readings_larger_than_one_read_of_the_socket_arrive_whole(
+    broker: Broker, bridges: Callable[..., Bridge]
+) -> None:
+    # Payloads of 60 KiB: most packets begin in one 64 KiB block and end in the next, two packets share a block.
+    bridge = subscribed_local_bridge(broker, bridges)
+    large = []
+    for seq in range(40):
+        body = json.loads(reading("MOR", seq).payload)
+        body["note"] = "x" * (60 * 1024 - 200 + seq)  # each a different length: every split point moves
+        large.append(Published(reading("MOR", seq).topic, json.dumps(body).encode()))
+    publish(broker.port, large)
+
+    wait_until(lambda: bridge.metric("fmi_bridge_messages_accepted_total") == len(large), 30, "every reading taken")
+    assert bridge.metric("fmi_bridge_messages_rejected_total") == 0
+    # The event id is a hash of topic and payload: equal ids mean every byte arrived as it was sent.
+    wait_until(lambda: len(logged_ids(bridge)) == len(large), 30, "every reading logged")
+    assert logged_ids(bridge) == expected_ids(large)
+
+
+def subscribed_local_bridge(broker: Broker, bridges: Callable[..., Bridge]) -> Bridge:
+    bridge = bridges({**LOCAL_ONLY, "MQTT_PORT": str(broker.port)}).start()
+    bridge.wait_ready()
+    wait_until(lambda: "subscribed" in bridge.output(), 30, "the subscription")
+    return bridge
+
+
+def logged_ids(bridge: Bridge) -> set[str]:
+    return {str(entry["event_id"]) for entry in bridge.log_entries() if entry.get("message") == "reading"}
