@@ -18,6 +18,10 @@ import paho.mqtt.client as mqtt
 
 READ_BYTES = 64 * 1024
 
+# A paho that no longer reads through these would leave a block to the next connection: refuse it at start.
+if not all(callable(getattr(mqtt.Client, name, None)) for name in ("_sock_recv", "_sock_close")):
+    raise ImportError("paho-mqtt no longer reads through Client._sock_recv and _sock_close: see buffered_client.py")
+
 
 class BufferedClient(mqtt.Client):
     _block = b""
