@@ -14,11 +14,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fmi_bridge.events import kpi_message, kpi_message_of_body, reading_row
 from fmi_bridge.intake import Intake
 from fmi_bridge.metrics import Metrics
 from fmi_bridge.mqtt.inbox import Inbox
-from fmi_bridge.readings import BAD_ENCODING, BAD_JSON, REASONS, UNPROCESSABLE, Inbound
-from fmi_bridge.spool import READING, Spool
+from fmi_bridge.readings import BAD_ENCODING, BAD_JSON, REASONS, UNPROCESSABLE, Inbound, Reading
+from fmi_bridge.spool import READING, Spool, entry
 
 NOW = datetime(2026, 11, 22, tzinfo=UTC)
 VALID_TOPIC = "FCTS/FAE/MOR/SolvExtract/TAG"
@@ -134,11 +135,12 @@ def test_no_input_raises_out_of_the_message_path(tmp_path: Path) -> None:
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     def one(topic: str, payload: bytes) -> None:
-        entry = intake.to_entry(Inbound(topic, payload, NOW))
-        assert spool.append([entry]) == 1  # the row is JSON the spool can store
-        row = json.loads(entry.body)
-        if entry.kind == READING:
+        (taken,) = intake.entries([Inbound(topic, payload, NOW)])
+        assert spool.append([taken]) == 1  # the row is JSON the spool can store
+        row = json.loads(taken.body)
+        if taken.kind == READING:
             seen["accepted"] += 1
+            assert kpi_message_of_body(taken.body) == kpi_message(row)
         else:
             assert row["reason"] in REASONS and row["detail"]
             assert row["reason"] != UNPROCESSABLE, row  # every input has a reason of its own
@@ -152,3 +154,24 @@ def test_no_input_raises_out_of_the_message_path(tmp_path: Path) -> None:
     assert metrics.registry.get_sample_value("fmi_bridge_messages_received_total") == total
     # An input drawn twice is one message delivered again: acknowledged, not spooled a second time.
     assert spool.stats().records + spool.duplicates == total
+
+
+# Text that looks like the row's own keys, quotes and backslashes: what a cut of the stored text could trip on.
+keyish = st.lists(
+    st.characters(exclude_categories=["Cs"])
+    | st.sampled_from(['"', "\\", ',"payload":', ',"pi_tag":"', ',"site_code":"', '{"event_id":"']),
+    min_size=1,
+    max_size=12,
+).map("".join)
+
+
+@given(site=keyish, tag=keyish, sensor=keyish, value=st.floats(allow_nan=False, allow_infinity=False), extra=keyish)
+@settings(max_examples=1_000, deadline=None, database=None)
+def test_the_kpi_message_cut_from_the_stored_row_is_the_one_decoded_from_it(
+    site: str, tag: str, sensor: str, value: float, extra: str
+) -> None:
+    topic = f"FCTS/FAE/{site}/SolvExtract/{tag}"
+    payload = json.dumps({"site_code": site, "sensor_id": sensor, "value": value, "x": extra}, ensure_ascii=False)
+    reading = Reading(extra[:32], site, tag, sensor, value, NOW, NOW, topic, payload)
+    body = entry(READING, site, reading_row(reading)).body
+    assert kpi_message_of_body(body) == kpi_message(json.loads(body))

@@ -113,11 +113,12 @@ class BigQuerySink(Sink):
         """Insert rows; return the refused ones {record id: (for good?, error)}. Raise _TransientError to retry
         the whole group later."""
         table, id_key = self.destination.table, self.destination.id_key
+        rows = [record.row for record in group]
         try:
             errors = self.client.insert_rows_json(
                 table,
-                [record.row for record in group],
-                row_ids=[record.row[id_key] for record in group],
+                rows,
+                row_ids=[row[id_key] for row in rows],
                 skip_invalid_rows=True,
                 retry=self._retry,
                 timeout=self.timeout,

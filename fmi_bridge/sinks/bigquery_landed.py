@@ -50,7 +50,7 @@ class LandedRows:
     def _present(self, records: list[Record], keys: list[str]) -> list[str]:
         sql = f"SELECT {self.key} AS key FROM `{self.table}` WHERE {self.key} IN UNNEST(@keys)"
         parameters: list[Any] = [bigquery.ArrayQueryParameter("keys", "STRING", keys)]
-        values = [record.row[self.partition] for record in records if self.partition and record.row.get(self.partition)]
+        values = [value for record in records if self.partition and (value := record.row.get(self.partition))]
         if values:
             sql += f" AND {self.partition} BETWEEN @earliest AND @latest"
             parameters += [

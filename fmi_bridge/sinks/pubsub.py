@@ -36,7 +36,7 @@ from google.api_core import exceptions as api_exceptions
 from google.pubsub_v1 import types
 
 from fmi_bridge.backoff import Backoff
-from fmi_bridge.events import dead_letter_row, kpi_message
+from fmi_bridge.events import dead_letter_row, kpi_message_of_body
 from fmi_bridge.sinks import pubsub_limits as limits
 from fmi_bridge.sinks.contract import PUBSUB, Sink, WriteResult, error_code
 from fmi_bridge.spool import Record, Spool, lane_of
@@ -362,5 +362,5 @@ class PubSubSink(Sink):
 
 
 def _message(record: Record) -> Any:
-    data, attributes = kpi_message(record.row)
+    data, attributes = kpi_message_of_body(record.body)
     return _Message(data=data, ordering_key=record.site_code or "", attributes=attributes)
