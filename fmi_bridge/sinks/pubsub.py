@@ -62,7 +62,6 @@ TOPIC_REFUSES_ACTION = (
     "this release's (gcloud pubsub topics update --schema); the readings wait in the spool, in order, and go "
     "once the topic takes them"
 )
-_Message = types.PubsubMessage.pb()
 _Request = types.PublishRequest.pb()
 
 
@@ -222,17 +221,19 @@ class PubSubSink(Sink):
         result = WriteResult(hold_lane=False, seconds=seconds)
         self._collect(result, seconds)
         now = time.monotonic()
-        for key, messages, chosen in self._requests(records, now):
+        for key, request, chosen in self._requests(records, now):
             if len(self._in_flight) >= self.sites_in_flight:
                 break
-            future = self._pool.submit(self._publish, key, chosen, messages)
+            future = self._pool.submit(self._publish, key, chosen, request)
             self._in_flight[key] = future
             future.add_done_callback(lambda _: self.wakeup.set())
         return result
 
-    def _requests(self, records: list[Record], now: float) -> Iterator[tuple[str, list[Any], list[Record]]]:
-        """Per site, in order of first appearance: the messages of its next request and their records, within
-        the request size and the site's throughput budget (counted on the PubsubMessages, as the quota is)."""
+    def _requests(self, records: list[Record], now: float) -> Iterator[tuple[str, Any, list[Record]]]:
+        """Per site, in order of first appearance: its next request and the records in it, within the request
+        size and the site's throughput budget (counted on the PubsubMessages, as the quota is). The messages are
+        made inside the request: made alone and then copied in, each in flight was held twice, the most of the
+        bridge's memory in a backlog."""
         by_site: dict[str, list[Record]] = {}
         for record in records:
             by_site.setdefault(record.site_code or "", []).append(record)
@@ -240,21 +241,19 @@ class PubSubSink(Sink):
             key_room = self._meter.room(key, now)
             idle = key_room >= self._meter.budget  # nothing of the key in the window
             room = min(key_room, self._request_budget)
-            messages: list[Any] = []
+            request = _Request(topic=self.topic_path)
             for record in site_records[: self.batch_size]:
-                message = _message(record)
-                size = message.ByteSize() + FRAMING_BYTES
+                size = _add_message(request, record).ByteSize() + FRAMING_BYTES
                 if size > room:
                     # A message larger than the whole budget (PUBSUB_KEY_BYTES_PER_SECOND set low) goes alone once
                     # the key's window is empty, or its site would never send again; Google's own 1 MB/s a key
                     # is above any message a reading makes (a payload is at most 64 KiB).
-                    if idle and not messages and size <= self._request_budget:
-                        messages.append(message)
+                    if not (idle and len(request.messages) == 1 and size <= self._request_budget):
+                        del request.messages[-1]
                     break
                 room -= size
-                messages.append(message)
-            if messages:
-                yield key, messages, site_records[: len(messages)]
+            if request.messages:
+                yield key, request, site_records[: len(request.messages)]
             else:  # the site used its throughput budget: it waits until its oldest bytes leave the window
                 self._sites.setdefault(key, _Site()).not_before = self._meter.free_at(key)
 
@@ -292,21 +291,23 @@ class PubSubSink(Sink):
             extra={"sink": self.lane, "code": outcome.code, "error": outcome.error, "action": action},
         )
 
-    def _publish(self, key: str, records: list[Record], messages: list[Any]) -> _Outcome:
+    def _publish(self, key: str, records: list[Record], request: Any) -> _Outcome:
         """One site's request, narrowed by halving on INVALID_ARGUMENT. Runs on the lane's pool."""
         outcome = _Outcome()
         started = time.monotonic()
-        sent = self._send(key, records, messages, outcome)
+        sent = self._send(key, records, request, outcome)
         outcome.retry = [record.id for record in records[sent:]]
         outcome.seconds = time.monotonic() - started
         return outcome
 
-    def _send(self, key: str, records: list[Record], messages: list[Any], outcome: _Outcome) -> int:
+    def _send(self, key: str, records: list[Record], request: Any, outcome: _Outcome) -> int:
         """Publish in order; return how many records (from the first) are settled, confirmed or dead-lettered."""
-        self._meter.spend(key, sum(message.ByteSize() for message in messages))  # a resent half counts again
+        self._meter.spend(key, sum(message.ByteSize() for message in request.messages))  # a resent half again
         try:
             self.client.publish(
-                request=types.PublishRequest(_Request(topic=self.topic_path, messages=messages)),
+                # wrap: the request takes the protobuf as it is; the constructor would deep-copy every message
+                # (proto-plus Message.__init__), another copy of the request in memory while it is in flight.
+                request=types.PublishRequest.wrap(request),
                 retry=None,  # the sink retries, with backoff, from the first unconfirmed record
                 timeout=self.timeout,
             )
@@ -320,10 +321,10 @@ class PubSubSink(Sink):
             for record in records:
                 self._first_refused.setdefault(record.id, refused_at)
             half = len(records) // 2
-            first = self._send(key, records[:half], messages[:half], outcome)
+            first = self._send(key, records[:half], self._part(request, 0, half), outcome)
             if first < half:
                 return first
-            return half + self._send(key, records[half:], messages[half:], outcome)
+            return half + self._send(key, records[half:], self._part(request, half, len(records)), outcome)
         except Exception as exc:  # transient, or an operator's to fix: the rest of the request waits
             outcome.code, outcome.error = error_code(exc), f"{type(exc).__name__}: {str(exc)[:300]}"
             return 0
@@ -356,11 +357,15 @@ class PubSubSink(Sink):
         outcome.dead_letters.append((record.id, dead_letter_row(record.row, DEAD_LETTER_REASON, detail)))
         return 1
 
+    def _part(self, request: Any, start: int, end: int) -> Any:
+        return _Request(topic=self.topic_path, messages=request.messages[start:end])
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)  # unanswered requests stay spooled
         self.client.transport.close()
 
 
-def _message(record: Record) -> Any:
+def _add_message(request: Any, record: Record) -> Any:
+    """The record's KPI message, added to the request."""
     data, attributes = kpi_message_of_body(record.body)
-    return _Message(data=data, ordering_key=record.site_code or "", attributes=attributes)
+    return request.messages.add(data=data, ordering_key=record.site_code or "", attributes=attributes)
