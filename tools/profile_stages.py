@@ -53,8 +53,9 @@ RULES: tuple[tuple[str, str | None, str], ...] = (
     ("fmi_bridge/spool.py", "Spool.owed", "spool: counts (owed, stats)"),
     ("fmi_bridge/spool.py", "_record", "spool: sinks' reads and offsets"),
     ("fmi_bridge/events.py", "kpi_message", "Pub/Sub: build messages"),  # the sinks' encoding, not intake's
+    ("fmi_bridge/events.py", "kpi_message_of_body", "Pub/Sub: build messages"),
     ("fmi_bridge/events.py", "kpi_event", "Pub/Sub: build messages"),
-    ("fmi_bridge/sinks/pubsub.py", "_message", "Pub/Sub: build messages"),
+    ("fmi_bridge/sinks/pubsub.py", "_add_message", "Pub/Sub: build messages"),
     ("fmi_bridge/readings.py", None, "intake: validation"),
     ("fmi_bridge/events.py", None, "intake: build the entry"),
     ("fmi_bridge/intake.py", None, "intake: other"),
