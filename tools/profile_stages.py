@@ -120,6 +120,8 @@ class Profile:
             return stacks
         for line in self.out.read_text(errors="replace").splitlines():
             path, _, count = line.rpartition(" ")
+            if not count.isdigit() or not path.startswith("thread ("):
+                continue  # a frame's text broke the line (a thread named after a metric's help text)
             first, *frames = path.split(";")  # "thread (TID): name" (or no name), then the frames
             found = re.search(r"\((\d+)\)", first)
             tid = int(found[1]) if found else 0
