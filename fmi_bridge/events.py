@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from fmi_bridge.json_text import compact
 from fmi_bridge.readings import Reading, Reject
 
 SCHEMA_VERSION = 1
@@ -86,7 +87,7 @@ def kpi_event(row: dict[str, Any]) -> dict[str, Any]:
 
 def kpi_message(row: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
     """Pub/Sub data and attributes; the ordering key is the site_code."""
-    data = json.dumps(kpi_event(row), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    data = compact(kpi_event(row)).encode("utf-8")
     attributes = {"site_code": row["site_code"], "pi_tag": row["pi_tag"], "event_id": row["event_id"]}
     return data, attributes
 

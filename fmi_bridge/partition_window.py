@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from functools import lru_cache
 
 DAYS_PAST = 1825
 DAYS_FUTURE = 366
@@ -30,7 +31,7 @@ class PartitionWindow:
         """Why BigQuery would refuse a reading of `timestamp` streamed at `received_at`, or None. Dates are
         compared in UTC, as partitions are; a reading on the window's last day is taken."""
         day, today = timestamp.date(), received_at.date()
-        first, last = _shift(today, -self.days_past), _shift(today, self.days_future)
+        first, last = _bounds(today, self.days_past, self.days_future)
         if first <= day <= last:
             return None
         return (
@@ -38,6 +39,11 @@ class PartitionWindow:
             f"arrives on {today.isoformat()}: {self.days_past} days back to {self.days_future} ahead "
             "(BIGQUERY_PARTITION_DAYS_PAST, BIGQUERY_PARTITION_DAYS_FUTURE)"
         )
+
+
+@lru_cache(maxsize=16)  # the same day's bounds for every reading of that day: two date shifts a reading saved
+def _bounds(today: date, days_past: int, days_future: int) -> tuple[date, date]:
+    return _shift(today, -days_past), _shift(today, days_future)
 
 
 def _shift(day: date, days: int) -> date:

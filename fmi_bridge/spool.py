@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from fmi_bridge.json_text import compact
+
 log = logging.getLogger(__name__)
 
 READING = "reading"
@@ -137,7 +139,7 @@ def entry(
     kind: str, site_code: str | None, row: dict[str, Any], only_sinks: int | None = None, key: str | None = None
 ) -> Entry:
     """Raises UnicodeEncodeError (a ValueError) when a string of the row is not valid Unicode."""
-    body = json.dumps(row, separators=(",", ":"), ensure_ascii=False)
+    body = compact(row)
     return Entry(kind, site_code, body, len(body.encode("utf-8")), only_sinks, key)
 
 

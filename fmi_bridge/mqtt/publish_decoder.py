@@ -45,7 +45,13 @@ def properties_skipped() -> int:
     return _skipped.value
 
 
+# An empty PUBLISH Properties, whose attributes each message's empty one copies (see _no_properties).
+_EMPTY_PROPERTIES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho leaves it untyped
+
+
 def decode_publish(header: int, packet: bytes | bytearray, protocol: MQTTProtocolVersion) -> Any:
+    if protocol == MQTTProtocolVersion.MQTTv5 and (bare := _without_any_property(header, packet)) is not None:
+        return bare
     try:
         return _paho_decode_publish(header, packet, protocol)
     except (MQTTException, UnicodeDecodeError, KeyError, IndexError, struct.error) as exc:
@@ -54,6 +60,37 @@ def decode_publish(header: int, packet: bytes | bytearray, protocol: MQTTProtoco
         result = _without_properties(header, bytes(packet))
         _count(exc)
         return result
+
+
+def _without_any_property(header: int, packet: bytes | bytearray) -> Any:
+    """The usual reading, a PUBLISH with a property length of 0, decoded as paho decodes it (equal fields, its own
+    empty Properties), but at a fraction of the cost: None for any other packet, which paho parses."""
+    if len(packet) < 3:
+        return None
+    end_of_topic = 2 + ((packet[0] << 8) | packet[1])
+    qos = (header & 0x06) >> 1
+    lengths_at = end_of_topic + 2 if qos else end_of_topic  # the packet id (section 3.3.2.2) only at QoS 1 and 2
+    if len(packet) <= lengths_at or packet[lengths_at] != 0:
+        return None
+    return paho_packet.PublishPacket(
+        dup=((header & 0x08) >> 3) != 0,
+        qos=qos,
+        retain=(header & 0x01) != 0,
+        topic=bytes(packet[2:end_of_topic]),
+        mid=(packet[end_of_topic] << 8) | packet[end_of_topic + 1] if qos else 0,
+        properties=_no_properties(),
+        payload=bytes(packet[lengths_at + 1 :]),
+    )
+
+
+def _no_properties() -> Properties:
+    """A new empty PUBLISH Properties without paho's constructor, which builds its three lookup tables (the names,
+    the types, the packets each property may be in) anew for every message: 5-9 µs, a sixth of the link's CPU
+    a reading. The tables are shared with one made at import; an instance only reads them (a property set on it
+    becomes an attribute of its own)."""
+    empty: Properties = object.__new__(Properties)
+    empty.__dict__.update(_EMPTY_PROPERTIES.__dict__)
+    return empty
 
 
 def _without_properties(header: int, packet: bytes) -> Any:
