@@ -163,6 +163,19 @@ class TakeBackOffsets(Protocol):
     def first(self) -> int: ...
 
 
+@dataclass
+class _Settle:
+    """One lane's settle, waiting for the transaction that commits it (Spool.settle)."""
+
+    bit: int
+    ids: list[int]
+    rejects: list[tuple[str, str | None, str, int, int, float]]
+    take_back: TakeBackOffsets | None
+    finished: bool = False  # a writer took it: committed, or failed with `error`
+    committed: bool = False
+    error: sqlite3.Error | None = None
+
+
 @dataclass(frozen=True)
 class SpoolStats:
     records: int
@@ -208,6 +221,9 @@ class Spool:
         # Writers of this process queue here, not in SQLite's busy handler, which sleeps in growing steps (up to
         # 100 ms) while another connection holds the write lock: with several senders that was most of their time.
         self._writer = threading.Lock()
+        # Settles waiting for the writer: the next holder commits all of them in one transaction (see settle).
+        self._settles: list[_Settle] = []
+        self._settles_lock = threading.Lock()
         self._records = 0
         self._bytes = 0
         self._owed: dict[int, list[int]] = {}  # bit -> [records, bytes] that sink still owes
@@ -557,41 +573,72 @@ class Spool:
         take_back: TakeBackOffsets | None = None,
     ) -> None:
         """The sink confirmed `done`, and refused `dead_letters` for good (each becomes a reject record); with
-        `take_back`, the offsets of those records are given again from its first.
+        `take_back`, the offsets of those records are given again from its first. Returns once it is committed.
 
         One transaction: a refused reading's reject record exists before its bit is cleared, and no crash can
         land between a take-back and the settle of the same append's other records. A full disk gives back the
         reserve and tries once more; SpoolError if it still fails (the caller keeps the ids and retries).
+
+        Settles of several lanes that wait for the writer at once are committed together (a group commit): a
+        site's records are interleaved with every other site's, so a lane's settle of one site rewrote nearly
+        every page the next lane's settle rewrote again (alone 33 µs a record for one site's 120, together
+        9 µs for ten sites'). A group that fails is settled again one by one, so one settle's fault stays its own.
         """
         ids = list(done) + [record_id for record_id, _ in dead_letters]
         if not ids and take_back is None:
             return
-        rejects = self._rows(entry(REJECT, None, row) for _, row in dead_letters)
+        waiting = _Settle(bit, ids, self._rows(entry(REJECT, None, row) for _, row in dead_letters), take_back)
+        with self._settles_lock:
+            self._settles.append(waiting)
+        with self._writer:
+            if not waiting.finished:  # else a writer before this one committed it with its own
+                with self._settles_lock:
+                    group, self._settles = self._settles, []
+                self._settle_group(group)
+        if not waiting.committed:
+            error = waiting.error or sqlite3.OperationalError("the writer that took this settle stopped before it")
+            raise spool_error("settle failed", error) from waiting.error
+
+    def _settle_group(self, group: list[_Settle]) -> None:
+        """Under the writer lock: the group in one transaction, or when that fails, each settle in its own."""
         try:
-            self._settle(bit, ids, rejects, take_back)
+            self._settle_together(group)
+        except sqlite3.Error as exc:
+            if len(group) == 1:
+                group[0].error = exc
+            else:
+                for alone in group:
+                    try:
+                        self._settle_together([alone])
+                    except sqlite3.Error as own:
+                        alone.error = own
+        finally:
+            for waiting in group:
+                waiting.finished = True
+
+    def _settle_together(self, group: list[_Settle]) -> None:
+        conn = self._connection()
+        try:
+            cleared = self._commit_settles(conn, group)
         except sqlite3.Error as exc:
             if not (exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL and self._give_back_reserve()):
-                raise spool_error("settle failed", exc) from exc
-            try:
-                self._settle(bit, ids, rejects, take_back)
-            except sqlite3.Error as again:
-                raise spool_error("settle failed", again) from again
+                raise
+            cleared = self._commit_settles(conn, group)
+        for waiting, (sizes, removed) in zip(group, cleared, strict=True):
+            waiting.committed = True
+            self._count_cleared(waiting.bit, sizes, removed, waiting.rejects)
 
-    def _settle(
-        self,
-        bit: int,
-        ids: list[int],
-        rejects: list[tuple[str, str | None, str, int, int, float]],
-        take_back: TakeBackOffsets | None,
-    ) -> None:
-        conn = self._connection()
-        with self._transaction(conn):
-            if take_back is not None:
-                self._take_back(conn, take_back.stream_key, take_back.ids, take_back.first)
-            # No room check: a dead letter replaces the reading it came from.
-            self._insert(conn, rejects)
-            cleared, removed = self._clear(conn, bit, ids)
-        self._count_cleared(bit, cleared, removed, rejects)
+    def _commit_settles(self, conn: sqlite3.Connection, group: list[_Settle]) -> list[tuple[list[Any], list[Any]]]:
+        cleared = []
+        with self._committed(conn):
+            for waiting in group:
+                if waiting.take_back is not None:
+                    back = waiting.take_back
+                    self._take_back(conn, back.stream_key, back.ids, back.first)
+                # No room check: a dead letter replaces the reading it came from.
+                self._insert(conn, waiting.rejects)
+                cleared.append(self._clear(conn, waiting.bit, waiting.ids))
+        return cleared
 
     def _clear(self, conn: sqlite3.Connection, bit: int, ids: list[int]) -> tuple[list[Any], list[Any]]:
         """The sink's bit cleared on these records, and those no sink owes any more deleted: (cleared sizes,
@@ -630,17 +677,24 @@ class Spool:
 
     @contextmanager
     def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: the write lock is taken up front."""
-        with self._writer:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                conn.execute("COMMIT")
-            except BaseException:
-                # SQLite may already have rolled back by itself (disk full); a second ROLLBACK would hide the cause.
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        """BEGIN IMMEDIATE ... COMMIT under this process's writer lock, rolled back on any error."""
+        with self._writer, self._committed(conn):
+            yield
+
+    @staticmethod
+    @contextmanager
+    def _committed(conn: sqlite3.Connection) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: the write lock is taken up front. The caller holds
+        the process's writer lock."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            # SQLite may already have rolled back by itself (disk full); a second ROLLBACK would hide the cause.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     @contextmanager
     def _bookkeeping(self, what: str) -> Iterator[sqlite3.Connection]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from fmi_bridge.sinks.contract import TakeBack
-from fmi_bridge.spool import READING, REJECT, DedupeHorizon, Entry, Spool, SpoolFullError, lane_of
+from fmi_bridge.spool import READING, REJECT, DedupeHorizon, Entry, Spool, SpoolError, SpoolFullError, lane_of
 from fmi_bridge.spool import entry as spool_entry
+from tests.support import wait_until
 
 PUBSUB, BIGQUERY = 1, 2
 
@@ -159,3 +163,69 @@ def test_a_take_back_lands_with_the_settle_of_the_same_append_or_not_at_all(tmp_
     spool.settle(BIGQUERY, [], [(bad.id, {"reject_id": "r", "event_id": "e1"})], back)
     again = spool.offset_batch("lane", BIGQUERY, READING, 10, 10**9)
     assert [(r.row["n"], r.offset) for r in again] == [(0, 0), (2, 1), (3, 2)]
+
+
+def settle_at_once(spool: Spool, settles: list[tuple[int, list[int]]]) -> list[Exception | None]:
+    """Each settle from a thread of its own, all waiting for the writer together (it is held until every one
+    has queued), as lanes answered at the same moment do; what each raised, or None."""
+    outcome: list[Exception | None] = [None] * len(settles)
+
+    def settle(index: int, bit: int, ids: list[int]) -> None:
+        try:
+            spool.settle(bit, ids)
+        except Exception as exc:
+            outcome[index] = exc
+        finally:
+            spool.close()
+
+    threads = [threading.Thread(target=settle, args=(n, bit, ids)) for n, (bit, ids) in enumerate(settles)]
+    with spool._writer:  # the writer busy (an intake commit, another lane): every settle queues behind it
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(spool._settles) == len(settles), 10, "every settle queued")
+    for thread in threads:
+        thread.join(30)
+    return outcome
+
+
+def owed_in_the_file(directory: Path, bit: int) -> int:
+    with closing(sqlite3.connect(directory / "spool.db")) as conn:
+        return int(conn.execute(f"SELECT count(*) FROM records WHERE pending & {bit}").fetchone()[0])
+
+
+def test_settles_of_lanes_that_wait_together_all_land_in_one_group(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    sites = [f"S{n}" for n in range(6)]
+    spool.append([entry(n, sites[n % 6]) for n in range(600)])
+    records = spool.pending(PUBSUB, 600)
+    by_site = [[r.id for r in records if r.site_code == site] for site in sites]
+
+    outcome = settle_at_once(spool, [(PUBSUB, ids) for ids in by_site[:5]] + [(BIGQUERY, by_site[0])])
+
+    assert outcome == [None] * 6
+    assert owed_in_the_file(tmp_path, PUBSUB) == 100  # the sixth site's, which nobody settled
+    assert owed_in_the_file(tmp_path, BIGQUERY) == 500
+    assert spool.owed(PUBSUB).records == 100 and spool.owed(BIGQUERY).records == 500
+    assert spool.stats().records == 500  # the first site's records left: both sinks settled them
+
+
+def test_a_settle_that_fails_fails_alone_not_the_settles_grouped_with_it(tmp_path: Path) -> None:
+    spool = open_spool(tmp_path)
+    spool.append([entry(n, f"S{n % 3}") for n in range(300)])
+    records = spool.pending(PUBSUB, 300)
+    by_site = [[r.id for r in records if r.site_code == f"S{n}"] for n in range(3)]
+    doomed = by_site[1][7]
+    with closing(sqlite3.connect(tmp_path / "spool.db")) as conn:  # a real refusal of SQLite's, for one record
+        for change in ("UPDATE", "DELETE"):
+            conn.execute(
+                f"CREATE TRIGGER refuse_{change.lower()} BEFORE {change} ON records WHEN old.id = {doomed} "
+                "BEGIN SELECT RAISE(ABORT, 'this record may not be settled'); END"
+            )
+
+    outcome = settle_at_once(spool, [(PUBSUB, ids) for ids in by_site])
+
+    assert outcome[0] is None and outcome[2] is None
+    assert isinstance(outcome[1], SpoolError) and "may not be settled" in str(outcome[1])
+    assert owed_in_the_file(tmp_path, PUBSUB) == 100  # the refused settle's site, whole: nothing of it half done
+    assert [r.id for r in spool.pending(PUBSUB, 300)] == by_site[1]
+    assert spool.owed(PUBSUB).records == 100

@@ -4,7 +4,7 @@ BigQuery takes (0001-01-01 to 9999-12-31 23:59:59.999999 UTC)."""
 from __future__ import annotations
 
 import calendar
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given
@@ -33,3 +33,15 @@ def test_every_microsecond_of_the_range_round_trips(moment: datetime) -> None:
     stamped = moment.replace(tzinfo=UTC)
     whole_seconds = calendar.timegm(stamped.timetuple())  # integer calendar arithmetic, no float
     assert micros(rfc3339(stamped)) == whole_seconds * 1_000_000 + stamped.microsecond
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-8))]),
+    )
+)
+def test_a_stamp_is_the_utc_time_in_iso_8601_with_a_z(moment: datetime) -> None:
+    expected = moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    assert rfc3339(moment) == expected
