@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -247,6 +248,7 @@ def rig(
             google.stop()
         bigquery.stop()
         broker.kill()
+        shutil.rmtree(work, ignore_errors=True)  # spools, emulators' data and the profile: up to 100 MB a run
 
 
 class Completion:
