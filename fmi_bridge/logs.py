@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import threading
@@ -10,11 +9,9 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from fmi_bridge.json_text import log_line
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
-
-
-# Made once: json.dumps with options makes an encoder a call, and LOCAL logs a line for every reading.
-_LINE = json.JSONEncoder(default=str, ensure_ascii=False)
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,7 +25,7 @@ class JsonFormatter(logging.Formatter):
         entry.update({key: value for key, value in record.__dict__.items() if key not in _STANDARD})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return _LINE.encode(entry)
+        return log_line(entry)
 
 
 def setup_logging(level: str = "INFO") -> None:
